@@ -1,0 +1,56 @@
+"""Image specs and builds."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class ImageSpec(msgspec.Struct, frozen=True, kw_only=True, tag="duanflow.v1.build.image_spec", tag_field="type"):
+    """Canonical image spec; its hash is the image id."""
+
+    base: str = "debian_slim"
+    """``debian_slim`` or ``cuda``."""
+    cuda: str | None = None
+    """CUDA version for ``cuda`` bases."""
+    python: str = ""
+    """Python ``major.minor`` (empty: the caller's)."""
+    pip: list[str] = []
+    """pip requirements, in order."""
+    apt: list[str] = []
+    """Debian packages (docker runtime only)."""
+    commands: list[str] = []
+    """Shell commands run at build time (docker runtime only)."""
+    env: dict[str, str] = {}
+    """Environment baked into the image."""
+    workdir: str | None = None
+    """Working directory."""
+
+
+class BuildRequest(msgspec.Struct, frozen=True, kw_only=True, tag="duanflow.v1.build.request", tag_field="type"):
+    """Ask the builder for an image."""
+
+    spec: ImageSpec
+    """What to build."""
+    app: str = ""
+    """App asking (for build logs)."""
+    env: str = "main"
+    """Environment asking."""
+    backend: str = "venv"
+    """``venv`` (process runtime) or ``docker``."""
+
+
+class BuildResult(msgspec.Struct, frozen=True, kw_only=True, tag="duanflow.v1.build.result", tag_field="type"):
+    """The builder's answer."""
+
+    image_id: str
+    """Content hash of the canonical spec (``im-...``)."""
+    status: str
+    """``cached``, ``built`` or ``failed``."""
+    backend: str = "venv"
+    """Backend that built it."""
+    artifact: str = ""
+    """Where the image lives (S3 key, registry ref, or empty for the agent's own environment)."""
+    log_tail: str = ""
+    """Last lines of the build log (on failure)."""
+    duration_ms: int = 0
+    """Build time."""

@@ -1,0 +1,20 @@
+"""Live GPU prices."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class PriceUpdate(msgspec.Struct, frozen=True, kw_only=True, tag="duanflow.v1.price.update", tag_field="type"):
+    """A new $/GPU-hour for one pool."""
+
+    pool: str
+    """Pool name (``<region>-<gpu_type>`` or an agent id)."""
+    price_per_gpu_hour: float
+    """Dollars per GPU-hour."""
+    gpu_type: str = ""
+    """GPU type the price applies to (empty: every type in the pool)."""
+    region: str = ""
+    """Region of the pool."""
+    ts_ms: int = 0
+    """When the price was set."""

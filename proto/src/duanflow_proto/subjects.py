@@ -1,0 +1,162 @@
+"""Every NATS subject, stream, consumer and KV bucket name DuanFlow uses.
+
+This module is the single source of truth: no other module writes a subject as a string literal.
+
+| name | pattern | kind | who publishes → who consumes |
+|---|---|---|---|
+| invocation | ``duanflow.inv.<env>.<app>.<function>`` | JetStream ``DUANFLOW_INV`` (work queue) | SDK / gateway → replicas |
+| queue | ``duanflow.queue.<env>.<queue>`` | JetStream ``DUANFLOW_QUEUE`` (work queue) | SDK → worker replicas |
+| dead letter | ``duanflow.dlq.<env>.<queue>`` | JetStream ``DUANFLOW_DLQ`` (limits) | worker replicas → CLI |
+| logs | ``duanflow.logs.<env>.<app>.<kind>.<source>`` | JetStream ``DUANFLOW_LOGS`` (limits) | everyone → log service, CLI |
+| events | ``duanflow.evt.<domain>.<name>`` | JetStream ``DUANFLOW_EVENTS`` (limits) | services → services |
+| capacity | ``duanflow.agent.cap.<agent>`` | core NATS | agents → router |
+| agent command | ``duanflow.agent.cmd.<agent>.<verb>`` | core request/reply | router → agent |
+| replica ready | ``duanflow.agent.ready.<replica>`` | core NATS | replica → agent |
+| control API | ``duanflow.api.<noun>.<verb>`` | core request/reply | SDK/CLI → services |
+| health | ``duanflow.api.health.<service>`` | core request/reply | anyone → each service |
+| build command | ``duanflow.build.cmd.start`` | core request/reply | router/CLI → builder |
+| build done | ``duanflow.build.evt.done.<image>`` | core NATS | builder → waiters |
+| price | ``duanflow.price.<pool>`` | core NATS | price feed → router |
+| results inbox | ``_INBOX.<client>.<call>`` | core NATS | replica → caller |
+
+Request/reply subjects are never captured by a stream: a stream would answer with its PubAck.
+
+KV buckets: ``duanflow_capacity`` (agent reports, TTL), ``duanflow_routes`` (gateway route table),
+``duanflow_results`` (results of spawned calls, TTL), ``duanflow_prices``, ``duanflow_leader``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+PREFIX: Final = "duanflow"
+
+# Streams
+STREAM_INVOCATIONS: Final = "DUANFLOW_INV"
+STREAM_QUEUES: Final = "DUANFLOW_QUEUE"
+STREAM_DEAD_LETTERS: Final = "DUANFLOW_DLQ"
+STREAM_LOGS: Final = "DUANFLOW_LOGS"
+STREAM_EVENTS: Final = "DUANFLOW_EVENTS"
+
+# KV buckets
+KV_CAPACITY: Final = "duanflow_capacity"
+KV_ROUTES: Final = "duanflow_routes"
+KV_RESULTS: Final = "duanflow_results"
+KV_PRICES: Final = "duanflow_prices"
+KV_LEADER: Final = "duanflow_leader"
+
+# Stream subject filters
+INV_ALL: Final = f"{PREFIX}.inv.>"
+QUEUE_ALL: Final = f"{PREFIX}.queue.>"
+DLQ_ALL: Final = f"{PREFIX}.dlq.>"
+LOGS_ALL: Final = f"{PREFIX}.logs.>"
+EVENTS_ALL: Final = f"{PREFIX}.evt.>"
+CAPACITY_ALL: Final = f"{PREFIX}.agent.cap.*"
+PRICE_ALL: Final = f"{PREFIX}.price.*"
+API_ALL: Final = f"{PREFIX}.api.>"
+
+SERVICES: Final = ("router", "builder", "gateway", "agent", "logs")
+
+_TOKEN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,127}$")
+
+
+def token(value: str) -> str:
+    """Return ``value`` as one safe subject token: lowercase, no dots, spaces or wildcards.
+
+    >>> token("Hello-GPU")
+    'hello-gpu'
+    """
+    lowered = value.strip().lower()
+    if not _TOKEN.match(lowered):
+        raise ValueError(
+            f"{value!r} cannot be used as a name: use 1-128 of a-z, 0-9, '-' and '_', starting with a letter or digit"
+        )
+    return lowered
+
+
+def invocation(env: str, app: str, function: str) -> str:
+    """Subject that carries invocations of one function."""
+    return f"{PREFIX}.inv.{token(env)}.{token(app)}.{token(function)}"
+
+
+def consumer_name(env: str, app: str, function: str) -> str:
+    """Durable consumer name of one function: stable across releases so in-flight calls survive a deploy."""
+    return f"fn_{token(env)}_{token(app)}_{token(function)}".replace("-", "_")
+
+
+def queue(env: str, name: str) -> str:
+    """Subject of one work queue."""
+    return f"{PREFIX}.queue.{token(env)}.{token(name)}"
+
+
+def dead_letter(env: str, name: str) -> str:
+    """Dead-letter subject of one work queue."""
+    return f"{PREFIX}.dlq.{token(env)}.{token(name)}"
+
+
+def logs(env: str, app: str, kind: str, source: str) -> str:
+    """Subject of log lines of one app, kind and source."""
+    return f"{PREFIX}.logs.{token(env)}.{token(app)}.{token(kind)}.{token(source)}"
+
+
+def logs_filter(env: str, app: str, kind: str | None = None) -> str:
+    """Filter subject for reading the log lines of one app (optionally one kind)."""
+    return f"{PREFIX}.logs.{token(env)}.{token(app)}.{token(kind) if kind else '*'}.*"
+
+
+def event(domain: str, name: str) -> str:
+    """Subject of an event on the events stream."""
+    return f"{PREFIX}.evt.{token(domain)}.{token(name)}"
+
+
+def capacity(agent: str) -> str:
+    """Subject an agent publishes its capacity reports on."""
+    return f"{PREFIX}.agent.cap.{token(agent)}"
+
+
+def agent_command(agent: str, verb: str) -> str:
+    """Request/reply subject of one command to one agent."""
+    return f"{PREFIX}.agent.cmd.{token(agent)}.{token(verb)}"
+
+
+def agent_commands(agent: str) -> str:
+    """Wildcard of every command to one agent (the agent subscribes to this)."""
+    return f"{PREFIX}.agent.cmd.{token(agent)}.*"
+
+
+def replica_ready(replica: str) -> str:
+    """Subject a replica announces readiness on (its agent listens)."""
+    return f"{PREFIX}.agent.ready.{token(replica)}"
+
+
+def api(noun: str, verb: str) -> str:
+    """Control request/reply subject."""
+    return f"{PREFIX}.api.{token(noun)}.{token(verb)}"
+
+
+def health(service: str) -> str:
+    """Health request/reply subject of one service."""
+    return api("health", service)
+
+
+BUILD_START: Final = f"{PREFIX}.build.cmd.start"
+
+
+def build_done(image_id: str) -> str:
+    """Subject announcing that one image is built."""
+    return f"{PREFIX}.build.evt.done.{token(image_id)}"
+
+
+def price(pool: str) -> str:
+    """Price-feed subject of one pool."""
+    return f"{PREFIX}.price.{token(pool)}"
+
+
+# Control API subjects
+API_BUNDLE_UPLOAD: Final = api("bundle", "upload_url")
+API_DEPLOY: Final = api("release", "deploy")
+API_RELEASES: Final = api("release", "list")
+API_FUNCTION_LOOKUP: Final = api("function", "lookup")
+API_FLEET: Final = api("fleet", "list")
+API_LOG_QUERY: Final = api("logs", "query")

@@ -1,0 +1,33 @@
+"""Settings of the router service, from ``DUANFLOW_ROUTER_*`` environment variables."""
+
+from __future__ import annotations
+
+from duanflow_kit.settings import BaseSettings, load_settings
+
+PREFIX = "DUANFLOW_ROUTER_"
+
+
+class Settings(BaseSettings, frozen=True, kw_only=True):
+    """Typed settings of the router service."""
+
+    database_url: str
+    """Postgres DSN (``postgresql://user@host:port/db``); the service owns schema ``router``."""
+    s3_endpoint: str
+    """S3 endpoint ``host:port`` (MinIO, SeaweedFS or any S3 server)."""
+    s3_access_key: str
+    """S3 access key."""
+    s3_secret_key: str
+    """S3 secret key."""
+    s3_bucket: str = "duanflow"
+    """Bucket for bundles, images, payloads and archives."""
+    s3_secure: bool = False
+    """Use HTTPS to reach S3."""
+    s3_public_endpoint: str = ""
+    """Endpoint clients use in presigned URLs (default: ``s3_endpoint``)."""
+    schema: str = "router"
+    """Postgres schema this service owns."""
+
+
+def load() -> Settings:
+    """Settings from the environment."""
+    return load_settings(Settings, PREFIX)
