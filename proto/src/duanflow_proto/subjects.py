@@ -4,10 +4,10 @@ This module is the single source of truth: no other module writes a subject as a
 
 | name | pattern | kind | who publishes → who consumes |
 |---|---|---|---|
-| invocation | ``duanflow.inv.<env>.<app>.<function>`` | JetStream ``DUANFLOW_INV`` (work queue) | SDK / gateway → replicas |
+| invocation | ``duanflow.inv.<env>.<app>.<function>`` | JS ``DUANFLOW_INV`` (work queue) | SDK, gateway → replicas |
 | queue | ``duanflow.queue.<env>.<queue>`` | JetStream ``DUANFLOW_QUEUE`` (work queue) | SDK → worker replicas |
 | dead letter | ``duanflow.dlq.<env>.<queue>`` | JetStream ``DUANFLOW_DLQ`` (limits) | worker replicas → CLI |
-| logs | ``duanflow.logs.<env>.<app>.<kind>.<source>`` | JetStream ``DUANFLOW_LOGS`` (limits) | everyone → log service, CLI |
+| logs | ``duanflow.logs.<env>.<app>.<kind>.<source>`` | JS ``DUANFLOW_LOGS`` (limits) | all → log service, CLI |
 | events | ``duanflow.evt.<domain>.<name>`` | JetStream ``DUANFLOW_EVENTS`` (limits) | services → services |
 | capacity | ``duanflow.agent.cap.<agent>`` | core NATS | agents → router |
 | agent command | ``duanflow.agent.cmd.<agent>.<verb>`` | core request/reply | router → agent |
@@ -38,6 +38,10 @@ STREAM_QUEUES: Final = "DUANFLOW_QUEUE"
 STREAM_DEAD_LETTERS: Final = "DUANFLOW_DLQ"
 STREAM_LOGS: Final = "DUANFLOW_LOGS"
 STREAM_EVENTS: Final = "DUANFLOW_EVENTS"
+
+# Durable consumers with fixed names (per-function consumers: :func:`consumer_name`)
+CONSUMER_LOGS_ARCHIVER: Final = "logs_archiver"
+"""The log service's archiver on ``DUANFLOW_LOGS``; every log-service instance shares it."""
 
 # KV buckets
 KV_CAPACITY: Final = "duanflow_capacity"

@@ -1,10 +1,18 @@
 """Versioned wire messages, one module per domain. Every message is a tagged, frozen msgspec Struct."""
 
-from duanflow_proto.messages.agent import CapacityReport, GpuInfo, ReplicaInfo, StartReplica, StartReplicaReply, StopReplica
+from duanflow_proto.messages.agent import (
+    CapacityReport,
+    FleetReply,
+    GpuInfo,
+    ReplicaInfo,
+    StartReplica,
+    StartReplicaReply,
+    StopReplica,
+)
 from duanflow_proto.messages.build import BuildRequest, BuildResult, ImageSpec
 from duanflow_proto.messages.common import Ack, ErrorReply, HealthReply, HealthRequest
 from duanflow_proto.messages.invocation import Invocation, Result
-from duanflow_proto.messages.logs import LogLine
+from duanflow_proto.messages.logs import LogLine, LogQuery, LogQueryReply
 from duanflow_proto.messages.price import PriceUpdate
 from duanflow_proto.messages.release import (
     AppSpec,
@@ -36,6 +44,7 @@ ALL_MESSAGES: tuple[type, ...] = (
     StartReplica,
     StartReplicaReply,
     StopReplica,
+    FleetReply,
     ImageSpec,
     BuildRequest,
     BuildResult,
@@ -53,9 +62,48 @@ ALL_MESSAGES: tuple[type, ...] = (
     FunctionRef,
     RouteEntry,
     LogLine,
+    LogQuery,
+    LogQueryReply,
     PriceUpdate,
     CandidateVerdict,
     SchedulerDecision,
 )
 
-__all__ = [m.__name__ for m in ALL_MESSAGES] + ["ALL_MESSAGES"]
+__all__ = [
+    "ALL_MESSAGES",
+    "Ack",
+    "AppSpec",
+    "BuildRequest",
+    "BuildResult",
+    "CandidateVerdict",
+    "CapacityReport",
+    "DeployReply",
+    "DeployRequest",
+    "EndpointSpec",
+    "ErrorReply",
+    "FleetReply",
+    "FunctionLookup",
+    "FunctionRef",
+    "FunctionSpec",
+    "GpuInfo",
+    "HealthReply",
+    "HealthRequest",
+    "ImageSpec",
+    "Invocation",
+    "LogLine",
+    "LogQuery",
+    "LogQueryReply",
+    "PriceUpdate",
+    "Release",
+    "ReleaseList",
+    "ReleaseListRequest",
+    "ReplicaInfo",
+    "Result",
+    "RouteEntry",
+    "SchedulerDecision",
+    "StartReplica",
+    "StartReplicaReply",
+    "StopReplica",
+    "UploadUrlReply",
+    "UploadUrlRequest",
+]

@@ -141,3 +141,10 @@ class StopReplica(msgspec.Struct, frozen=True, kw_only=True, tag="duanflow.v1.ag
     """Replica id."""
     grace_s: float = 30.0
     """Seconds to drain in-flight inputs before SIGKILL."""
+
+
+class FleetReply(msgspec.Struct, frozen=True, kw_only=True, tag="duanflow.v1.agent.fleet", tag_field="type"):
+    """Router → anyone: the live agents, each with its latest capacity report."""
+
+    agents: list[CapacityReport] = []
+    """Latest report of every live agent, ordered by agent id."""

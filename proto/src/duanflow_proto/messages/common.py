@@ -26,7 +26,9 @@ class ErrorReply(msgspec.Struct, frozen=True, kw_only=True, tag="duanflow.v1.com
     """The user's exception, cloudpickled (never read by the gateway)."""
 
 
-class HealthRequest(msgspec.Struct, frozen=True, kw_only=True, tag="duanflow.v1.common.health_request", tag_field="type"):
+class HealthRequest(
+    msgspec.Struct, frozen=True, kw_only=True, tag="duanflow.v1.common.health_request", tag_field="type"
+):
     """Ask a service whether it is healthy."""
 
     verbose: bool = False

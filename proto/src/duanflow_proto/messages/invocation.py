@@ -8,6 +8,8 @@ from duanflow_proto.messages.common import ErrorReply
 
 CODEC_CLOUDPICKLE = "cloudpickle"
 CODEC_JSON = "json"
+CODEC_BYTES = "bytes"
+"""A result that is raw bytes (an endpoint returning ``bytes`` to an HTTP caller)."""
 
 # Headers carried by invocation messages (the JetStream reply field is taken by acks).
 HDR_REPLY = "Df-Reply"

@@ -53,6 +53,12 @@ class FunctionSpec(msgspec.Struct, frozen=True, kw_only=True, tag="duanflow.v1.r
     """Price cap in $/GPU-hour."""
     retries: int = 0
     """Retries after a failed attempt."""
+    retry_backoff: float = 2.0
+    """Multiplier of the delay between successive retries."""
+    retry_initial_delay_s: float = 1.0
+    """Delay before the first retry."""
+    retry_max_delay_s: float = 60.0
+    """Upper bound of the delay between retries."""
     secrets: list[str] = []
     """Secrets injected into this function's replicas (on top of the app's)."""
     env: dict[str, str] = {}
@@ -84,7 +90,9 @@ class AppSpec(msgspec.Struct, frozen=True, kw_only=True, tag="duanflow.v1.releas
     """Python ``major.minor`` of the deploying client."""
 
 
-class UploadUrlRequest(msgspec.Struct, frozen=True, kw_only=True, tag="duanflow.v1.release.upload_url_request", tag_field="type"):
+class UploadUrlRequest(
+    msgspec.Struct, frozen=True, kw_only=True, tag="duanflow.v1.release.upload_url_request", tag_field="type"
+):
     """Ask for a presigned URL to upload a source bundle."""
 
     digest: str
@@ -171,7 +179,9 @@ class ReleaseList(msgspec.Struct, frozen=True, kw_only=True, tag="duanflow.v1.re
     """The releases."""
 
 
-class FunctionLookup(msgspec.Struct, frozen=True, kw_only=True, tag="duanflow.v1.release.function_lookup", tag_field="type"):
+class FunctionLookup(
+    msgspec.Struct, frozen=True, kw_only=True, tag="duanflow.v1.release.function_lookup", tag_field="type"
+):
     """Resolve a deployed function by name."""
 
     app: str

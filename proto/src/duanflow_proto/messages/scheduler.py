@@ -5,7 +5,9 @@ from __future__ import annotations
 import msgspec
 
 
-class CandidateVerdict(msgspec.Struct, frozen=True, kw_only=True, tag="duanflow.v1.scheduler.candidate", tag_field="type"):
+class CandidateVerdict(
+    msgspec.Struct, frozen=True, kw_only=True, tag="duanflow.v1.scheduler.candidate", tag_field="type"
+):
     """One candidate the scheduler considered."""
 
     agent_id: str
@@ -20,7 +22,9 @@ class CandidateVerdict(msgspec.Struct, frozen=True, kw_only=True, tag="duanflow.
     """Score (lower is better)."""
 
 
-class SchedulerDecision(msgspec.Struct, frozen=True, kw_only=True, tag="duanflow.v1.scheduler.decision", tag_field="type"):
+class SchedulerDecision(
+    msgspec.Struct, frozen=True, kw_only=True, tag="duanflow.v1.scheduler.decision", tag_field="type"
+):
     """One placement decision."""
 
     ts_ms: int

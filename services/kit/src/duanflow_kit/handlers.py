@@ -10,7 +10,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import msgspec
-
 from duanflow_proto import codec
 from duanflow_proto.errors import DuanFlowError, InternalError
 
@@ -52,7 +51,7 @@ def decode_reply(data: bytes, reply_type: type[Any]) -> Any:
     from duanflow_proto.errors import from_reply
     from duanflow_proto.messages import ErrorReply
 
-    msg = codec.decode(data, reply_type | ErrorReply)
+    msg = codec.decode(data, reply_type | ErrorReply)  # type: ignore[arg-type]
     if isinstance(msg, ErrorReply):
         raise from_reply(msg)
     return msg

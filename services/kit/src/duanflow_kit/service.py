@@ -4,6 +4,7 @@ responder, request handlers in queue groups (so instances scale out), and a clea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -14,6 +15,8 @@ from typing import Any, TypeVar
 
 import msgspec
 import nats
+from duanflow_proto import subjects
+from duanflow_proto.messages import HealthReply, HealthRequest
 from faststream import FastStream
 from faststream.nats import NatsBroker, NatsMessage
 from faststream.security import SASLPlaintext
@@ -22,8 +25,6 @@ from nats.js import JetStreamContext
 
 from duanflow_kit.handlers import handle
 from duanflow_kit.settings import BaseSettings
-from duanflow_proto import subjects
-from duanflow_proto.messages import HealthReply, HealthRequest
 
 Req = TypeVar("Req")
 
@@ -141,7 +142,5 @@ class Service:
 
 def main(coro: Awaitable[None]) -> None:
     """Entry point helper for ``python -m duanflow_<svc>``."""
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(coro)  # type: ignore[arg-type]
-    except KeyboardInterrupt:
-        pass

@@ -66,7 +66,10 @@ def load_settings(cls: type[S], prefix: str, environ: Mapping[str, str] | None =
             value: Any = env[name]
             ftype = next(f.type for f in msgspec.structs.fields(cls) if f.name == field)
             if _is_collection(ftype):
-                value = msgspec.json.decode(value) if value.strip().startswith(("[", "{")) else value.split(",")
+                try:
+                    value = msgspec.json.decode(value) if value.strip().startswith(("[", "{")) else value.split(",")
+                except msgspec.DecodeError as exc:
+                    raise SystemExit(f"invalid settings for {cls.__name__}: {name} is not valid JSON ({exc})") from None
             raw[field] = value
     try:
         return msgspec.convert(raw, cls, strict=False)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+from duanflow_proto import subjects
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BucketNotFoundError
-
-from duanflow_proto import subjects
 
 DAY = 24 * 3600
 
