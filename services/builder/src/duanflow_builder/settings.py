@@ -26,6 +26,14 @@ class Settings(BaseSettings, frozen=True, kw_only=True):
     """Endpoint clients use in presigned URLs (default: ``s3_endpoint``)."""
     schema: str = "builder"
     """Postgres schema this service owns."""
+    work_dir: str = ""
+    """Directory for build trees (default: the system temp dir)."""
+    build_timeout_s: float = 900.0
+    """Longest one build may take before it is failed."""
+    max_concurrent_builds: int = 4
+    """Build requests handled at once by this instance."""
+    stale_build_s: float = 3600.0
+    """A ``building`` row older than this (a crashed builder) may be built again."""
 
 
 def load() -> Settings:

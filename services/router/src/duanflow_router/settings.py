@@ -26,6 +26,8 @@ class Settings(BaseSettings, frozen=True, kw_only=True):
     """Endpoint clients use in presigned URLs (default: ``s3_endpoint``)."""
     schema: str = "router"
     """Postgres schema this service owns."""
+    start_timeout_s: float = 180.0
+    """Seconds to wait for an agent to report a replica ready (its download, image unpack and imports)."""
 
 
 def load() -> Settings:

@@ -1,0 +1,1 @@
+"""DuanFlow image builder: Image spec → content-addressed image id → a built, cached image."""

@@ -1,0 +1,1 @@
+"""Implementations of the router's ports: Postgres, S3 and NATS."""

@@ -1,0 +1,139 @@
+"""Agent commands, consumers, events, logs and the capacity KV bucket over NATS / JetStream."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from duanflow_kit.handlers import decode_reply
+from duanflow_proto import codec, subjects
+from duanflow_proto.errors import DeadlineExceededError, InvalidInputError, UnavailableError
+from duanflow_proto.messages.agent import CapacityReport, StartReplica, StartReplicaReply, StopReplica
+from duanflow_proto.messages.common import Ack
+from duanflow_proto.messages.logs import LogLine
+from duanflow_proto.messages.release import FunctionSpec, RouteEntry
+from duanflow_proto.messages.scheduler import SchedulerDecision
+from nats.aio.client import Client as NatsClient
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import KeyNotFoundError, NoKeysError
+
+from duanflow_router.domain import route_key
+
+log = logging.getLogger("duanflow.router.nats")
+
+ACK_WAIT_MARGIN_S = 30.0
+MAX_DELIVER_EXTRA = 5
+MAX_ACK_PENDING = 100_000
+STOP_TIMEOUT_S = 60.0
+
+
+def function_consumer_config(env: str, app: str, fn: FunctionSpec) -> ConsumerConfig:
+    """The durable pull consumer of one function, as docs/CONTRACTS.md fixes it."""
+    return ConsumerConfig(
+        durable_name=subjects.consumer_name(env, app, fn.name),
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=fn.timeout_s + ACK_WAIT_MARGIN_S,
+        max_deliver=fn.retries + MAX_DELIVER_EXTRA,
+        filter_subject=subjects.invocation(env, app, fn.name),
+        max_ack_pending=MAX_ACK_PENDING,
+    )
+
+
+class NatsAgentClient:
+    """:class:`duanflow_router.ports.AgentClient` over core request/reply."""
+
+    def __init__(self, nc: NatsClient) -> None:
+        self.nc = nc
+
+    async def _request(self, agent_id: str, verb: str, payload: bytes, timeout_s: float) -> bytes:
+        subject = subjects.agent_command(agent_id, verb)
+        try:
+            msg = await self.nc.request(subject, payload, timeout=timeout_s)
+        except NoRespondersError:
+            raise UnavailableError(f"agent {agent_id} is not answering commands (is it running?)") from None
+        except NatsTimeoutError:
+            raise DeadlineExceededError(f"agent {agent_id} did not answer {verb} within {timeout_s:.0f}s") from None
+        return msg.data
+
+    async def start_replica(self, agent_id: str, command: StartReplica, timeout_s: float) -> StartReplicaReply:
+        """Start one replica and wait for the agent's answer (sent once the replica is ready)."""
+        data = await self._request(agent_id, "start", codec.encode(command), timeout_s)
+        reply: StartReplicaReply = decode_reply(data, StartReplicaReply)
+        return reply
+
+    async def stop_replica(self, agent_id: str, command: StopReplica) -> None:
+        """Ask the agent to drain and stop one replica."""
+        data = await self._request(agent_id, "stop", codec.encode(command), STOP_TIMEOUT_S + command.grace_s)
+        decode_reply(data, Ack)
+
+
+class NatsPlatform:
+    """:class:`duanflow_router.ports.Platform` on a JetStream context."""
+
+    def __init__(self, js: JetStreamContext) -> None:
+        self.js = js
+        self._capacity_kv: Any = None
+        self._routes_kv: Any = None
+
+    async def ensure_function_consumer(self, env: str, app: str, fn: FunctionSpec) -> None:
+        """Create the consumer, or update it in place (same durable name: in-flight calls survive)."""
+        await self.js.add_consumer(subjects.STREAM_INVOCATIONS, function_consumer_config(env, app, fn))
+
+    async def publish_decision(self, decision: SchedulerDecision) -> None:
+        """Publish to the events stream."""
+        await self.js.publish(subjects.event("scheduler", "decision"), codec.encode(decision))
+
+    async def publish_log(self, line: LogLine) -> None:
+        """Publish to the logs stream."""
+        await self.js.publish(subjects.logs(line.env, line.app, line.kind, line.source), codec.encode(line))
+
+    async def put_routes(self, env: str, app: str, routes: dict[str, RouteEntry]) -> None:
+        """Put the app's endpoints in the routes bucket (the gateway watches it), then drop the stale ones."""
+        if self._routes_kv is None:
+            self._routes_kv = await self.js.key_value(subjects.KV_ROUTES)
+        kv = self._routes_kv
+        for key, entry in routes.items():
+            await kv.put(key, codec.encode(entry))
+        prefix = route_key(env, app, "")
+        try:
+            existing: list[str] = await kv.keys()
+        except NoKeysError:
+            return
+        for key in existing:
+            if key.startswith(prefix) and key not in routes:
+                await kv.delete(key)
+
+    async def _capacity(self) -> Any:
+        if self._capacity_kv is None:
+            self._capacity_kv = await self.js.key_value(subjects.KV_CAPACITY)
+        return self._capacity_kv
+
+    async def put_capacity(self, report: CapacityReport) -> None:
+        """Store the report under the agent id in the capacity bucket (its TTL ages dead agents out)."""
+        kv = await self._capacity()
+        await kv.put(subjects.token(report.agent_id), codec.encode(report))
+
+    async def capacity_reports(self) -> list[CapacityReport]:
+        """Every decodable report in the capacity bucket; garbage values are skipped (and logged)."""
+        kv = await self._capacity()
+        try:
+            keys: list[str] = await kv.keys()
+        except NoKeysError:
+            return []
+        reports: list[CapacityReport] = []
+        for key in keys:
+            try:
+                entry = await kv.get(key)
+            except KeyNotFoundError:  # expired or deleted since the listing
+                continue
+            if not entry.value:
+                continue
+            try:
+                reports.append(codec.decode(entry.value, CapacityReport))
+            except InvalidInputError as exc:
+                log.warning("ignoring capacity entry %s: %s", key, exc)
+        return reports
