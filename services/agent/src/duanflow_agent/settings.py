@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from duanflow_kit.settings import BaseSettings, load_settings
 
 PREFIX = "DUANFLOW_AGENT_"
@@ -33,7 +35,25 @@ class Settings(BaseSettings, frozen=True, kw_only=True):
     python: str = ""
     """Python interpreter that runs replicas (default: the agent's own)."""
     runtime: str = "process"
-    """``process`` or ``docker``."""
+    """How replicas run: ``process`` (child processes of the agent; the only one built so far)."""
+    runtime_module: str = "duanflow._runtime"
+    """Module a replica process runs (``python -m <runtime_module>``); tests point it at a stand-in."""
+    capacity_kv: bool = False
+    """Also put each capacity report into the capacity KV bucket (needs a NATS user allowed to; the router
+    normally does it from the reports on the capacity subject)."""
+    start_timeout_s: float = 120.0
+    """Seconds a replica has to announce readiness before it is killed and the start fails."""
+    shutdown_grace_s: float = 10.0
+    """Seconds replicas get to drain when the agent itself stops."""
+    log_buffer_lines: int = 10000
+    """Replica output lines buffered for NATS; beyond that lines are dropped and counted, never blocking."""
+    exited_keep_s: float = 60.0
+    """Seconds an exited replica is remembered (stop commands for it answer "already exited")."""
+
+
+def child_env() -> dict[str, str]:
+    """The agent's environment as a base for replicas, without DuanFlow's own settings and credentials."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("DUANFLOW_")}
 
 
 def load() -> Settings:

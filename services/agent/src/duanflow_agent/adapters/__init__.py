@@ -1,0 +1,1 @@
+"""Adapters implementing the agent's ports: NVML, bundle downloads, processes, NATS."""

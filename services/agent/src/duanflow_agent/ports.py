@@ -1,0 +1,82 @@
+"""What the agent's supervisor needs from the outside world, as Protocols (adapters implement them)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import Protocol
+
+from duanflow_agent.domain import Inventory
+
+
+class GpuProbe(Protocol):
+    """Reads the host's GPUs (NVML)."""
+
+    def read(self) -> Inventory | None:
+        """The GPUs now, or None when there is no NVIDIA driver."""
+        ...
+
+
+class BundleStore(Protocol):
+    """Fetches source bundles, verified and extracted, cached by digest."""
+
+    async def fetch(self, url: str, digest: str) -> Path:
+        """The extracted bundle directory of ``digest``, downloading ``url`` if not cached."""
+        ...
+
+
+LineSink = Callable[[str, str], None]
+"""Receives ``(stream, line)`` for each output line of a replica (``stdout`` / ``stderr``); must not block."""
+
+
+class ReplicaLog(Protocol):
+    """The on-disk log of one replica."""
+
+    path: Path
+    """Where it is."""
+
+    def write(self, stream: str, line: str) -> None:
+        """Append one line; must not block for long nor raise."""
+        ...
+
+    def close(self) -> None:
+        """Flush and close."""
+        ...
+
+
+LogOpener = Callable[[Path], ReplicaLog]
+"""Opens the log file of one replica at a path."""
+
+
+class ReplicaProcess(Protocol):
+    """One running replica process."""
+
+    @property
+    def pid(self) -> int:
+        """Its process id."""
+        ...
+
+    async def wait(self) -> int:
+        """Wait until it exits (its output fully read); its exit status."""
+        ...
+
+    async def stop(self, grace_s: float) -> int:
+        """SIGTERM, then SIGKILL after ``grace_s``; its exit status."""
+        ...
+
+
+class Spawner(Protocol):
+    """Starts replica processes."""
+
+    async def spawn(self, argv: list[str], *, cwd: Path, env: Mapping[str, str], on_line: LineSink) -> ReplicaProcess:
+        """Start ``argv``; every output line goes to ``on_line``."""
+        ...
+
+
+class ReadySignal(Protocol):
+    """Readiness announcements of replicas."""
+
+    def listen(self, replica_id: str) -> AbstractAsyncContextManager[Awaitable[None]]:
+        """Subscribe now; the yielded awaitable completes when ``replica_id`` announces readiness."""
+        ...
