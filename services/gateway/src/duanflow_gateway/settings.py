@@ -18,6 +18,8 @@ class Settings(BaseSettings, frozen=True, kw_only=True):
     """Largest request body accepted (413 above)."""
     default_timeout_s: float = 300.0
     """Deadline of a request whose endpoint sets none."""
+    shutdown_grace_s: float = 10.0
+    """How long in-flight HTTP requests may finish after SIGTERM."""
 
 
 def load() -> Settings:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from duanflow_kit.settings import BaseSettings, load_settings
+from duanflow_proto import subjects
 
 PREFIX = "DUANFLOW_LOGS_"
 
@@ -26,6 +27,14 @@ class Settings(BaseSettings, frozen=True, kw_only=True):
     """Endpoint clients use in presigned URLs (default: ``s3_endpoint``)."""
     schema: str = "logs"
     """Postgres schema this service owns."""
+    consumer: str = subjects.CONSUMER_LOGS_ARCHIVER
+    """Durable consumer on the logs stream; every instance of one deployment shares it."""
+    filter_subject: str = subjects.LOGS_ALL
+    """Log subjects this deployment stores."""
+    batch_size: int = 256
+    """Most lines taken from the stream and inserted at once."""
+    max_query_lines: int = 10_000
+    """Most lines one query may ask for."""
 
 
 def load() -> Settings:

@@ -1,0 +1,137 @@
+"""Wiring of the gateway process: the kit Service (NATS health, SIGTERM) and, in its lifespan, the route-table
+watcher and the HTTP server (uvicorn serving the Litestar app in the same event loop)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import AsyncIterator, Iterator
+
+import uvicorn
+from duanflow_kit.service import Service
+from duanflow_kit.streams import ensure_streams
+
+from duanflow_gateway.adapters.nats import KvRoutes, NatsInvoker, NatsRequestLog
+from duanflow_gateway.handlers import build_http
+from duanflow_gateway.settings import Settings
+
+log = logging.getLogger("duanflow.gateway")
+
+ROUTES_LOAD_TIMEOUT_S = 10.0
+HTTP_START_TIMEOUT_S = 10.0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handlers: the service's runner owns SIGTERM/SIGINT and stops us."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.serving = asyncio.Event()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            self.serving.set()
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A bound TCP socket for ``host:port`` (port 0: a free one), so the port is known before serving."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+class GatewayApp:
+    """The gateway service: :attr:`service` (NATS) plus the HTTP server its lifespan runs."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.service = Service("gateway", settings)
+        self.http_port = 0
+        """The port HTTP is served on, once started (useful with ``http_port=0``)."""
+        self._routes: KvRoutes | None = None
+        self._server: _Server | None = None
+        self.service.health_checks.append(self._health)
+
+    async def _health(self) -> dict[str, str]:
+        if self._routes is None or self._server is None:
+            return {"state": "starting"}
+        if not self._server.started:
+            raise RuntimeError("the HTTP server is not serving")
+        return {
+            "http": f"{self.settings.http_host}:{self.http_port}",
+            "routes": str(len(self._routes.table)),
+            "routes_refused": str(self._routes.refused),
+            "routes_loaded": "yes" if self._routes.ready.is_set() else "no",
+        }
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, service: Service) -> AsyncIterator[None]:
+        """Ensure streams and buckets, load the route table, serve HTTP; on exit drain HTTP first."""
+        s = self.settings
+        await ensure_streams(service.js)
+        sock = bind(s.http_host, s.http_port)
+        self.http_port = sock.getsockname()[1]
+        routes = KvRoutes(service.js)
+        invoker = NatsInvoker(service.nc, service.js)
+        await invoker.start()
+        config = uvicorn.Config(
+            build_http(routes, invoker, s, NatsRequestLog(service.nc)),
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=int(s.shutdown_grace_s),
+        )
+        server = _Server(config)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                watching = tg.create_task(routes.run(), name="gateway-routes")
+                serving = tg.create_task(server.serve(sockets=[sock]), name="gateway-http")
+                await _first(serving, server.serving, HTTP_START_TIMEOUT_S)
+                if not server.started:
+                    raise RuntimeError(f"the HTTP server did not start on {s.http_host}:{self.http_port}")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(routes.ready.wait(), ROUTES_LOAD_TIMEOUT_S)
+                self._routes, self._server = routes, server
+                log.info("gateway serving http://%s:%d (%d routes)", s.http_host, self.http_port, len(routes.table))
+                try:
+                    yield
+                finally:
+                    server.should_exit = True
+                    await serving
+                    watching.cancel()
+        finally:
+            self._routes = self._server = None
+            await invoker.stop()
+            sock.close()
+
+    async def run(self) -> None:
+        """Run until SIGTERM/SIGINT."""
+        await self.service.run(self.lifespan)
+
+
+async def _first(task: asyncio.Task[None], event: asyncio.Event, timeout_s: float) -> None:
+    """Wait until ``event`` is set, ``task`` ends, or ``timeout_s`` passes."""
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({task, waiter}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+
+
+def build_app(settings: Settings) -> GatewayApp:
+    """The gateway service for ``settings``, ready to :meth:`GatewayApp.run`."""
+    return GatewayApp(settings)

@@ -1,0 +1,36 @@
+"""What the gateway's request path needs from the outside world, as Protocols (adapters implement them)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from duanflow_proto.messages.invocation import Invocation, Result
+from duanflow_proto.messages.logs import LogLine
+
+from duanflow_gateway.domain import RouteTable
+
+
+class Invoker(Protocol):
+    """Sends one invocation to its function's replicas and waits for the result."""
+
+    async def invoke(self, subject: str, invocation: Invocation, timeout_s: float) -> Result:
+        """Publish ``invocation`` on ``subject`` and return its result.
+
+        Raises :class:`~duanflow_proto.errors.DeadlineExceededError` when no result came within ``timeout_s`` and
+        :class:`~duanflow_proto.errors.UnavailableError` when the invocations stream cannot take it.
+        """
+
+
+class Routes(Protocol):
+    """The live route table."""
+
+    @property
+    def table(self) -> RouteTable:
+        """The current table (replaced or updated as the routes bucket changes)."""
+
+
+class RequestLog(Protocol):
+    """Where the ``request`` log lines of served calls go."""
+
+    async def publish(self, line: LogLine) -> None:
+        """Send one line; never raises (a lost log line must not fail the request)."""

@@ -1,0 +1,1 @@
+"""Adapters of the log service's ports (Postgres, JetStream)."""
