@@ -98,7 +98,7 @@ def remove_profile(name: str) -> None:
 
 
 def current(name: str | None = None) -> Profile:
-    """The profile to use: ``name``, else ``$DUANFLOW_PROFILE``, else the active one.
+    """The profile to use: ``name``, else ``$DUANFLOW_PROFILE``, else the active one, else ``local``.
 
     ``DUANFLOW_NATS_URL`` (with ``DUANFLOW_NATS_USER`` / ``DUANFLOW_NATS_PASSWORD``) overrides the file,
     which is how replicas and tests connect.
@@ -113,10 +113,11 @@ def current(name: str | None = None) -> Profile:
             gateway_url=os.environ.get("DUANFLOW_GATEWAY_URL", ""),
         )
     active, profiles = load_all()
-    wanted = name or os.environ.get("DUANFLOW_PROFILE") or active
+    wanted = name or os.environ.get("DUANFLOW_PROFILE") or active or LOCAL
     if not wanted or wanted not in profiles:
+        which = f"no DuanFlow profile {wanted!r}" if wanted else "no DuanFlow profile"
         raise NotFoundError(
-            f"no DuanFlow profile {wanted!r} in {config_path()}: start a local stack with `duanflow dev up` "
+            f"{which} in {config_path()}: start a local stack with `duanflow dev up` "
             "or log in with `duanflow auth login --server URL --token TOKEN`"
         )
     return profiles[wanted]

@@ -1,0 +1,73 @@
+"""DuanFlow: Python functions on your own GPUs.
+
+Example::
+
+    import duanflow as df
+
+    app = df.App("hello-gpu")
+
+    @app.function(gpu="H100", timeout=300)
+    def classify_ticket(text: str) -> dict:
+        return {"label": "timeout", "input": text}
+
+    # after `duanflow deploy hello.py`:
+    classify_ticket.remote("我的模型接口超时了")
+"""
+
+from duanflow._app import App
+from duanflow._auth import Auth
+from duanflow._errors import (
+    BuildFailedError,
+    ConflictError,
+    DeadlineExceededError,
+    DeserializationError,
+    DuanFlowError,
+    FunctionTimeoutError,
+    InternalError,
+    InvalidInputError,
+    InvalidOptionError,
+    NoCapacityError,
+    NoMatchingGpuError,
+    NotFoundError,
+    PayloadTooLargeError,
+    PermissionDeniedError,
+    RemoteError,
+    UnauthenticatedError,
+    UnavailableError,
+)
+from duanflow._function import Function, FunctionCall
+from duanflow._image import Image
+from duanflow._queue import Queue
+from duanflow._retries import Retries
+from duanflow._secret import Secret
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "App",
+    "Auth",
+    "BuildFailedError",
+    "ConflictError",
+    "DeadlineExceededError",
+    "DeserializationError",
+    "DuanFlowError",
+    "Function",
+    "FunctionCall",
+    "FunctionTimeoutError",
+    "Image",
+    "InternalError",
+    "InvalidInputError",
+    "InvalidOptionError",
+    "NoCapacityError",
+    "NoMatchingGpuError",
+    "NotFoundError",
+    "PayloadTooLargeError",
+    "PermissionDeniedError",
+    "Queue",
+    "RemoteError",
+    "Retries",
+    "Secret",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "__version__",
+]

@@ -1,0 +1,252 @@
+"""``df.App``: the deployment unit, and the ``@app.function`` decorator that declares its functions."""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final, ParamSpec, TypeVar, overload
+
+from duanflow_proto import subjects
+from duanflow_proto.messages.release import AppSpec, FunctionSpec
+
+from duanflow._errors import InvalidOptionError
+from duanflow._function import Function
+from duanflow._image import Image, env_dict
+from duanflow._secret import secret_names
+from duanflow._spec import COMMON_OPTIONS, check_options, function_spec
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+PYTHON: Final = f"{sys.version_info.major}.{sys.version_info.minor}"
+APP_OPTIONS: Final = ("image", "secrets", "env")
+
+_apps: weakref.WeakSet[App] = weakref.WeakSet()
+"""Every App built in this process (replicas look an App up by name when it is not a module global)."""
+
+
+class App:
+    """The deployment unit: a named set of functions with their image, secrets and env.
+
+    Example::
+
+        import duanflow as df
+
+        app = df.App("hello-gpu")
+
+        @app.function(gpu="L40S", memory="48Gi", timeout=300)
+        def classify_ticket(text):
+            return {"label": "timeout", "input": text}
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        image: Image | None = None,
+        secrets: object = None,
+        env: object = None,
+        **unknown: Any,
+    ) -> None:
+        check_options(unknown, APP_OPTIONS, "App")
+        if not isinstance(name, str):
+            raise InvalidOptionError(f"App() takes the app's name as a str, got {name!r}", details={"option": "name"})
+        try:
+            self._name = subjects.token(name)
+        except ValueError as exc:
+            raise InvalidOptionError(f"App name: {exc}", details={"option": "name", "value": name}) from None
+        if image is not None and not isinstance(image, Image):
+            raise InvalidOptionError(f"App(image=) takes a df.Image, got {image!r}", details={"option": "image"})
+        self._image = image
+        self._secrets = secret_names(secrets)
+        self._env = env_dict(env, "App(env=)")
+        self._functions: dict[str, Function[..., Any]] = {}
+        self._module_file = _caller_file()
+        _apps.add(self)
+
+    @property
+    def name(self) -> str:
+        """The app's name (a lowercase token, as deploys and subjects use it)."""
+        return self._name
+
+    @property
+    def image(self) -> Image | None:
+        """The app's image (None: the default Debian slim image)."""
+        return self._image
+
+    @overload
+    def function(self, _f: Callable[P, R], /) -> Function[P, R]: ...
+
+    @overload
+    def function(
+        self,
+        _f: None = None,
+        /,
+        *,
+        gpu: str | list[str] | None = None,
+        memory: str | int | None = None,
+        timeout: float = 300.0,
+        concurrency: int = 1,
+        keep_warm: int = 0,
+        scale_to: int | None = None,
+        region: str | list[str] | None = None,
+        optimize: str = "latency",
+        max_price: float | None = None,
+        gpu_count: int | None = None,
+        retries: object = 0,
+        secrets: object = (),
+        image: Image | None = None,
+        env: dict[str, str] | None = None,
+        **unknown: Any,
+    ) -> Callable[[Callable[P, R]], Function[P, R]]: ...
+
+    def function(
+        self,
+        _f: Callable[..., Any] | None = None,
+        /,
+        *,
+        gpu: str | list[str] | None = None,
+        memory: str | int | None = None,
+        timeout: float = 300.0,
+        concurrency: int = 1,
+        keep_warm: int = 0,
+        scale_to: int | None = None,
+        region: str | list[str] | None = None,
+        optimize: str = "latency",
+        max_price: float | None = None,
+        gpu_count: int | None = None,
+        retries: object = 0,
+        secrets: object = (),
+        image: Image | None = None,
+        env: dict[str, str] | None = None,
+        **unknown: Any,
+    ) -> Function[..., Any] | Callable[[Callable[..., Any]], Function[..., Any]]:
+        """Declare a function of this app; its options are checked here, when the decorator runs.
+
+        ``gpu`` is a type (``"H100"``), a list in order of preference, or ``"A100:80GB:2"``; ``memory`` is GPU
+        memory per GPU (``"48Gi+"`` means at least); ``timeout`` is seconds per input; ``concurrency`` inputs
+        run at once per replica; ``keep_warm`` replicas stay ready, up to ``scale_to``.
+
+        Example::
+
+            @app.function(gpu="H100", memory="80Gi", concurrency=12)
+            def summarize(document: str) -> str:
+                return document[:100]
+
+            summarize.remote("...")
+        """
+        check_options(unknown, COMMON_OPTIONS, "app.function")
+        if image is not None and not isinstance(image, Image):
+            raise InvalidOptionError(f"image= takes a df.Image, got {image!r}", details={"option": "image"})
+        options: dict[str, Any] = {
+            "gpu": gpu,
+            "memory": memory,
+            "timeout": timeout,
+            "concurrency": concurrency,
+            "keep_warm": keep_warm,
+            "scale_to": scale_to,
+            "region": region,
+            "optimize": optimize,
+            "max_price": max_price,
+            "gpu_count": gpu_count,
+            "retries": retries,
+            "secrets": secrets,
+            "env": env,
+        }
+        # Validate now (not at the first call) so a bad option fails where it is written.
+        function_spec("options_check", **options)
+
+        def decorate(f: Callable[..., Any]) -> Function[..., Any]:
+            if isinstance(f, Function):
+                raise InvalidOptionError(f"{f.name} is already a DuanFlow function: decorate it once")
+            if not callable(f):
+                raise InvalidOptionError(f"@app.function decorates a function, got {f!r}")
+            name = getattr(f, "__name__", "")
+            spec = function_spec(
+                name, is_generator=inspect.isgeneratorfunction(f) or inspect.isasyncgenfunction(f), **options
+            )
+            return self._register(Function(name=spec.name, raw_f=f, spec=spec, app=self, image=image))
+
+        if _f is not None:
+            return decorate(_f)
+        return decorate
+
+    def _register(self, fn: Function[..., Any]) -> Function[..., Any]:
+        if fn.name in self._functions:
+            raise InvalidOptionError(
+                f"app {self._name!r} already has a function named {fn.name!r}: function names must be unique",
+                details={"function": fn.name},
+            )
+        self._functions[fn.name] = fn
+        return fn
+
+    def _registry(self) -> dict[str, Function[..., Any]]:
+        """Every function of the app by name (each with ``.raw_f`` and ``.spec``); replicas and the CLI use it."""
+        return dict(self._functions)
+
+    def build_spec(self, module: str | None = None) -> AppSpec:
+        """The app's declarative spec, as ``duanflow deploy`` sends it.
+
+        ``module`` is the module replicas import by name (default: the stem of the file that built the App).
+
+        Example::
+
+            spec = app.build_spec()          # from hello.py: module "hello"
+            [f.name for f in spec.functions]
+        """
+        mod = module or (self._module_file.stem if self._module_file else "")
+        if not mod or not mod.isidentifier():
+            raise InvalidOptionError(
+                f"cannot tell which module app {self._name!r} lives in ({mod!r}): pass build_spec(module='...')"
+            )
+        image = self._image
+        for fn in self._functions.values():
+            if fn.image is None or fn.image == image:
+                continue
+            if image is not None:
+                raise InvalidOptionError(
+                    f"{fn.name} asks for another image than the rest of app {self._name!r}: one image per app "
+                    "for now; set it once with df.App(name, image=...)",
+                    details={"function": fn.name, "option": "image"},
+                )
+            image = fn.image
+        functions: list[FunctionSpec] = [fn.spec for fn in self._functions.values()]
+        return AppSpec(
+            name=self._name,
+            module=mod,
+            functions=functions,
+            image=(image or Image()).to_spec(default_python=PYTHON),
+            secrets=list(self._secrets),
+            env=dict(self._env),
+            python=PYTHON,
+        )
+
+    def __repr__(self) -> str:
+        return f"<duanflow App {self._name} ({len(self._functions)} functions)>"
+
+
+def find_app(module: object, name: str) -> App:
+    """The App named ``name`` among ``module``'s globals (or built while importing it)."""
+    candidates = [v for v in vars(module).values() if isinstance(v, App) and v.name == name]
+    if not candidates:
+        file = getattr(module, "__file__", None)
+        candidates = [a for a in list(_apps) if a.name == name and (file is None or str(a._module_file) == file)]
+    if not candidates:
+        found = sorted({v.name for v in vars(module).values() if isinstance(v, App)})
+        raise LookupError(
+            f"module {getattr(module, '__name__', module)!r} defines no df.App named {name!r}"
+            + (f" (it defines {', '.join(found)})" if found else "")
+        )
+    return candidates[0]
+
+
+def _caller_file() -> Path | None:
+    frame = sys._getframe(2)
+    # Skip frames inside this package (subclasses of App calling super().__init__).
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("duanflow."):
+        frame = frame.f_back  # type: ignore[assignment]
+    file = frame.f_globals.get("__file__") if frame is not None else None
+    return Path(file).resolve() if isinstance(file, str) else None

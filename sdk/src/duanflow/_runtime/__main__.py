@@ -1,0 +1,49 @@
+"""``python -m duanflow._runtime``: one replica, started by an agent with the env of docs/CONTRACTS.md."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from duanflow._runtime.config import ConfigError, RuntimeConfig
+from duanflow._runtime.worker import load_target, serve
+
+
+def main() -> int:
+    """Run the replica; exit 0 after a SIGTERM drain, 1 when the code cannot be loaded, 2 on bad config."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        config = RuntimeConfig.from_env()
+    except ConfigError as exc:
+        print(f"duanflow runtime: {exc}", file=sys.stderr)
+        return 2
+    cwd = str(Path.cwd())
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        target = load_target(config)
+    except Exception:
+        print(
+            f"duanflow runtime: cannot load {config.function} of app {config.app} from module {config.module}:\n"
+            + traceback.format_exc(),
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        asyncio.run(serve(config, target))
+    except Exception:
+        print(f"duanflow runtime: replica {config.replica_id} failed:\n{traceback.format_exc()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Threads of timed-out sync functions cannot be stopped; do not wait for them at exit.
+    os._exit(code)
