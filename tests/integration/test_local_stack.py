@@ -379,7 +379,7 @@ def test_cli_errors_for_a_missing_function_and_a_syntax_error_exit_1_without_tra
     )
     (tmp_path / "cli_broken.py").write_text("import duanflow as df\n\nif True\n    pass\n")
     home = tmp_path / "home"
-    cases = [
+    cases: list[tuple[tuple[str | Path, ...], str]] = [
         (("run", f"{tmp_path / 'cli_app.py'}::nope"), "has no function 'nope'"),
         (("run", f"{tmp_path / 'cli_broken.py'}::f"), "cli_broken.py:3: syntax error"),
         (("deploy", tmp_path / "cli_broken.py"), "syntax error"),
