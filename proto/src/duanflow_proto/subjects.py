@@ -18,6 +18,7 @@ This module is the single source of truth: no other module writes a subject as a
 | build done | ``duanflow.build.evt.done.<image>`` | core NATS | builder → waiters |
 | price | ``duanflow.price.<pool>`` | core NATS | price feed → router |
 | results inbox | ``_INBOX.<client>.<call>`` | core NATS | replica → caller |
+| invocation ack | ``_INBOX.<client>.<call>.ack`` | core NATS | JetStream PubAck → gateway |
 
 Request/reply subjects are never captured by a stream: a stream would answer with its PubAck.
 
@@ -82,6 +83,11 @@ def token(value: str) -> str:
 def invocation(env: str, app: str, function: str) -> str:
     """Subject that carries invocations of one function."""
     return f"{PREFIX}.inv.{token(env)}.{token(app)}.{token(function)}"
+
+
+def consumer_next(stream: str, consumer: str) -> str:
+    """JetStream API subject a replica sends its pull requests to (``{"batch": n, "expires": ns}``)."""
+    return f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
 
 
 def consumer_name(env: str, app: str, function: str) -> str:
@@ -164,3 +170,29 @@ API_RELEASES: Final = api("release", "list")
 API_FUNCTION_LOOKUP: Final = api("function", "lookup")
 API_FLEET: Final = api("fleet", "list")
 API_LOG_QUERY: Final = api("logs", "query")
+API_PAYLOAD_URL: Final = api("payload", "url")
+"""``PayloadUrlRequest`` → ``PayloadUrlReply``: presigned URL of one large argument or result (router)."""
+API_PRICE_SET: Final = api("price", "set")
+"""``PriceUpdate`` → ``PriceList``: set one pool's live price (the router stores it and tells every router)."""
+API_PRICE_LIST: Final = api("price", "list")
+"""``HealthRequest`` → ``PriceList``: the live price overrides."""
+API_SECRET_CREATE: Final = api("secret", "create")
+"""``SecretCreateRequest`` → ``SecretInfo``: store one secret, encrypted (router)."""
+API_SECRET_LIST: Final = api("secret", "list")
+"""``SecretListRequest`` → ``SecretList``: names and key names, never values (router)."""
+API_SECRET_DELETE: Final = api("secret", "delete")
+"""``SecretDeleteRequest`` → ``SecretInfo``: delete one secret (router)."""
+API_APP_STOP: Final = api("app", "stop")
+"""``AppStopRequest`` → ``AppStopReply``: deactivate an app and stop its replicas (router)."""
+
+
+PUB_ACK_SUFFIX: Final = ".ack"
+
+
+def pub_ack(reply: str) -> str:
+    """Where the gateway asks the PubAck of an invocation to go: beside its result inbox, ``<reply>.ack``.
+
+    >>> pub_ack("_INBOX.abc.fc-1")
+    '_INBOX.abc.fc-1.ack'
+    """
+    return f"{reply}{PUB_ACK_SUFFIX}"

@@ -11,11 +11,20 @@ from duanflow_proto.messages.agent import (
 )
 from duanflow_proto.messages.build import BuildRequest, BuildResult, ImageSpec
 from duanflow_proto.messages.common import Ack, ErrorReply, HealthReply, HealthRequest
-from duanflow_proto.messages.invocation import Invocation, Result
+from duanflow_proto.messages.invocation import (
+    Invocation,
+    InvocationBatch,
+    PayloadUrlReply,
+    PayloadUrlRequest,
+    Result,
+    ResultBatch,
+)
 from duanflow_proto.messages.logs import LogLine, LogQuery, LogQueryReply
-from duanflow_proto.messages.price import PriceUpdate
+from duanflow_proto.messages.price import PriceList, PriceUpdate
 from duanflow_proto.messages.release import (
     AppSpec,
+    AppStopReply,
+    AppStopRequest,
     DeployReply,
     DeployRequest,
     EndpointSpec,
@@ -30,6 +39,13 @@ from duanflow_proto.messages.release import (
     UploadUrlRequest,
 )
 from duanflow_proto.messages.scheduler import CandidateVerdict, SchedulerDecision
+from duanflow_proto.messages.secret import (
+    SecretCreateRequest,
+    SecretDeleteRequest,
+    SecretInfo,
+    SecretList,
+    SecretListRequest,
+)
 
 ALL_MESSAGES: tuple[type, ...] = (
     Ack,
@@ -37,7 +53,11 @@ ALL_MESSAGES: tuple[type, ...] = (
     HealthRequest,
     HealthReply,
     Invocation,
+    InvocationBatch,
     Result,
+    ResultBatch,
+    PayloadUrlRequest,
+    PayloadUrlReply,
     GpuInfo,
     ReplicaInfo,
     CapacityReport,
@@ -65,14 +85,24 @@ ALL_MESSAGES: tuple[type, ...] = (
     LogQuery,
     LogQueryReply,
     PriceUpdate,
+    PriceList,
     CandidateVerdict,
     SchedulerDecision,
+    AppStopRequest,
+    AppStopReply,
+    SecretCreateRequest,
+    SecretInfo,
+    SecretListRequest,
+    SecretList,
+    SecretDeleteRequest,
 )
 
 __all__ = [
     "ALL_MESSAGES",
     "Ack",
     "AppSpec",
+    "AppStopReply",
+    "AppStopRequest",
     "BuildRequest",
     "BuildResult",
     "CandidateVerdict",
@@ -90,17 +120,27 @@ __all__ = [
     "HealthRequest",
     "ImageSpec",
     "Invocation",
+    "InvocationBatch",
     "LogLine",
     "LogQuery",
     "LogQueryReply",
+    "PayloadUrlReply",
+    "PayloadUrlRequest",
+    "PriceList",
     "PriceUpdate",
     "Release",
     "ReleaseList",
     "ReleaseListRequest",
     "ReplicaInfo",
     "Result",
+    "ResultBatch",
     "RouteEntry",
     "SchedulerDecision",
+    "SecretCreateRequest",
+    "SecretDeleteRequest",
+    "SecretInfo",
+    "SecretList",
+    "SecretListRequest",
     "StartReplica",
     "StartReplicaReply",
     "StopReplica",

@@ -82,6 +82,8 @@ class CapacityReport(msgspec.Struct, frozen=True, kw_only=True, tag="duanflow.v1
     """When the report was made (epoch ms)."""
     interval_s: float = 2.0
     """Seconds between reports; the router deems the agent dead after several missed beats."""
+    cached_images: list[str] = []
+    """Image ids cached on the host's disk (latency placement prefers them)."""
 
 
 class StartReplica(msgspec.Struct, frozen=True, kw_only=True, tag="duanflow.v1.agent.start_replica", tag_field="type"):
@@ -117,6 +119,10 @@ class StartReplica(msgspec.Struct, frozen=True, kw_only=True, tag="duanflow.v1.a
     """GPUs to expose through ``CUDA_VISIBLE_DEVICES``."""
     env_vars: dict[str, str] = {}
     """Extra environment (app env and secrets)."""
+    image_url: str = ""
+    """Presigned GET URL of the packed venv image ``image_id`` (empty: nothing to download)."""
+    secret_keys: list[str] = []
+    """Names in ``env_vars`` whose values come from secrets: masked in the replica's relayed output."""
 
 
 class StartReplicaReply(

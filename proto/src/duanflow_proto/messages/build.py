@@ -54,3 +54,12 @@ class BuildResult(msgspec.Struct, frozen=True, kw_only=True, tag="duanflow.v1.bu
     """Last lines of the build log (on failure)."""
     duration_ms: int = 0
     """Build time."""
+
+
+def image_artifact_key(image_id: str) -> str:
+    """S3 key of a packed venv image (the builder writes it, the router presigns it for agents).
+
+    >>> image_artifact_key("im-0123")
+    'images/im-0123.tar.gz'
+    """
+    return f"images/{image_id}.tar.gz"

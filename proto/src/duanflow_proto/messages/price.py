@@ -18,3 +18,10 @@ class PriceUpdate(msgspec.Struct, frozen=True, kw_only=True, tag="duanflow.v1.pr
     """Region of the pool."""
     ts_ms: int = 0
     """When the price was set."""
+
+
+class PriceList(msgspec.Struct, frozen=True, kw_only=True, tag="duanflow.v1.price.list", tag_field="type"):
+    """Router → anyone: the live price overrides (answer to ``API_PRICE_SET`` and ``API_PRICE_LIST``)."""
+
+    prices: list[PriceUpdate] = []
+    """Every override, ordered by pool then GPU type."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+
 import msgspec
 
 from duanflow_proto.messages.build import ImageSpec
@@ -37,6 +40,8 @@ class FunctionSpec(msgspec.Struct, frozen=True, kw_only=True, tag="duanflow.v1.r
     """GPU memory floor per GPU, MiB."""
     memory_exact: bool = False
     """True when the memory spec was exact (``80Gi``) rather than a floor (``48Gi+``)."""
+    gpu_memory_max_mb: int = 0
+    """Upper bound of nominal GPU memory per GPU, MiB, for ranges such as ``24GB..80GB`` (0: none)."""
     timeout_s: float = 300.0
     """Per-input timeout."""
     concurrency: int = 1
@@ -125,6 +130,8 @@ class DeployRequest(msgspec.Struct, frozen=True, kw_only=True, tag="duanflow.v1.
     """sha256 of the bundle."""
     image_id: str = ""
     """Image built for the app by the builder (empty: the agent's own environment)."""
+    activate_release: str = ""
+    """Roll back: make this stored release of the app active again (its own spec, bundle and image; no new release)."""
 
 
 class Release(msgspec.Struct, frozen=True, kw_only=True, tag="duanflow.v1.release.release", tag_field="type"):
@@ -228,3 +235,40 @@ class RouteEntry(msgspec.Struct, frozen=True, kw_only=True, tag="duanflow.v1.rel
     """Endpoint options (auth, burst limit, streaming)."""
     timeout_s: float = 300.0
     """Deadline for one request."""
+    auth_salt: str = ""
+    """Hex salt of :attr:`auth_digest` (bearer-auth endpoints)."""
+    auth_digest: str = ""
+    """``bearer_digest(auth_salt, token)`` of the expected bearer token; never the token itself."""
+
+
+def bearer_digest(salt_hex: str, token: str) -> str:
+    """The digest of a bearer token that route entries carry instead of the token: HMAC-SHA256 keyed by the salt.
+
+    >>> bearer_digest("00", "secret")[:16]
+    '1810e8d341b9e61e'
+    """
+    return hmac.new(bytes.fromhex(salt_hex), token.encode(), hashlib.sha256).hexdigest()
+
+
+class AppStopRequest(
+    msgspec.Struct, frozen=True, kw_only=True, tag="duanflow.v1.release.stop_request", tag_field="type"
+):
+    """Stop an app: deactivate its release, remove its routes, drain and stop its replicas."""
+
+    app: str
+    """App name."""
+    env: str = "main"
+    """Environment."""
+
+
+class AppStopReply(msgspec.Struct, frozen=True, kw_only=True, tag="duanflow.v1.release.stop_reply", tag_field="type"):
+    """What stopping an app did."""
+
+    app: str
+    """App name."""
+    env: str = "main"
+    """Environment."""
+    release: str = ""
+    """The release that was active ("" when none was)."""
+    replicas: list[str] = []
+    """Replicas stopped."""
