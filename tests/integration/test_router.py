@@ -71,6 +71,8 @@ def settings_for(infra: Any, unique: str) -> Settings:
         s3_bucket=f"b{unique}",  # a bucket the router must create itself
         schema=f"router_{unique}",
         start_timeout_s=10.0,
+        capacity_wait_s=0.0,
+        tick_s=0.2,
     )
 
 
@@ -81,7 +83,7 @@ async def call(nc: Any, subject: str, msg: Any, reply_type: Any, timeout: float 
 
 async def _healthy(nc: Any) -> bool:
     h: HealthReply = await call(nc, subjects.health("router"), HealthRequest(), HealthReply, timeout=2)
-    return h.ok and h.details.get("db") == "ok"
+    return h.ok and h.details.get("db") == "ok" and h.details.get("role") == "leader"
 
 
 @pytest.fixture

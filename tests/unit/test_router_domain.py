@@ -333,7 +333,7 @@ def test_route_entries_cover_endpoints_only() -> None:
 TRANSPORTS = {"nats", "faststream", "asyncpg", "minio", "litestar", "duanflow_kit"}
 
 
-@pytest.mark.parametrize("module", ["domain", "control", "ports"])
+@pytest.mark.parametrize("module", ["domain", "control", "ports", "placement", "fleet"])
 def test_router_rules_import_no_transport(module: str) -> None:
     path = Path(domain.__file__).with_name(f"{module}.py")
     imported: set[str] = set()

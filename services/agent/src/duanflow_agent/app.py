@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -13,6 +14,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 import psutil
 from duanflow_kit.service import Service
 from duanflow_proto import codec, subjects
@@ -22,6 +24,7 @@ from nats.js.kv import KeyValue
 
 from duanflow_agent import domain, handlers
 from duanflow_agent.adapters.bundles import HttpBundleStore
+from duanflow_agent.adapters.images import HttpImageCache
 from duanflow_agent.adapters.logfile import open_log
 from duanflow_agent.adapters.nats import LogRelay, NatsReadySignal
 from duanflow_agent.adapters.nvml import NvmlProbe
@@ -77,6 +80,23 @@ def resolve_inventory(settings: Settings, probe: GpuProbe) -> domain.Inventory:
         raise SystemExit(f"DUANFLOW_AGENT_GPUS: {exc}") from None
 
 
+def _python_of(python: str) -> str:
+    """``major.minor`` of the interpreter that runs replicas (images must match it)."""
+    if not python:
+        return f"{sys.version_info.major}.{sys.version_info.minor}"
+    try:
+        out = subprocess.run(
+            [python, "-c", "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise SystemExit(f"DUANFLOW_AGENT_PYTHON={python!r} cannot run: {exc}") from None
+    return out.stdout.strip()
+
+
 def build_app(settings: Settings, probe: GpuProbe | None = None) -> AgentApp:
     """The agent, wired from its settings (``probe`` replaces NVML in tests)."""
     probe = probe or NvmlProbe()
@@ -99,6 +119,7 @@ def build_app(settings: Settings, probe: GpuProbe | None = None) -> AgentApp:
     work_dir.mkdir(parents=True, exist_ok=True)
     sinks = _LateRelay()
     ready = _LateReady()
+    images = HttpImageCache(work_dir, settings.image_cache_mb * 1024 * 1024, python=_python_of(settings.python))
     supervisor = Supervisor(
         agent_id=agent_id,
         inventory=inventory,
@@ -115,7 +136,9 @@ def build_app(settings: Settings, probe: GpuProbe | None = None) -> AgentApp:
         nats_password=settings.replica_nats_password or settings.nats_password,
         start_timeout_s=settings.start_timeout_s,
         exited_keep_s=settings.exited_keep_s,
+        images=images,
     )
+    images.busy = lambda: {r.cmd.image_id for r in supervisor.replicas.values() if r.state != domain.EXITED}
     handlers.register(service, supervisor)
 
     @asynccontextmanager
@@ -175,6 +198,8 @@ async def _report_loop(svc: Service, sup: Supervisor, settings: Settings, probe:
             ts_ms=time.time_ns() // 1_000_000,
             interval_s=settings.report_interval_s,
         )
+        if sup.images is not None:
+            report = msgspec.structs.replace(report, cached_images=sup.images.cached())
         data = codec.encode(report)
         try:
             await svc.nc.publish(subject, data)

@@ -26,6 +26,18 @@ class BundleStore(Protocol):
         ...
 
 
+class ImageFetcher(Protocol):
+    """Fetches venv images, unpacked and cached by id (least recently used out past a disk cap)."""
+
+    async def fetch(self, url: str, image_id: str) -> list[str]:
+        """The image's import paths (site-packages), downloading ``url`` if not cached."""
+        ...
+
+    def cached(self) -> list[str]:
+        """Ids of the images on disk."""
+        ...
+
+
 LineSink = Callable[[str, str], None]
 """Receives ``(stream, line)`` for each output line of a replica (``stdout`` / ``stderr``); must not block."""
 

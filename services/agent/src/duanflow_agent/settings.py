@@ -49,6 +49,8 @@ class Settings(BaseSettings, frozen=True, kw_only=True):
     """Replica output lines buffered for NATS; beyond that lines are dropped and counted, never blocking."""
     exited_keep_s: float = 60.0
     """Seconds an exited replica is remembered (stop commands for it answer "already exited")."""
+    image_cache_mb: int = 20480
+    """Disk cap of the venv image cache under ``work_dir/images`` (least recently used images go first)."""
 
 
 def child_env() -> dict[str, str]:

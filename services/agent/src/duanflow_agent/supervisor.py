@@ -14,9 +14,18 @@ from duanflow_proto.errors import ConflictError, InternalError, InvalidInputErro
 from duanflow_proto.messages.agent import StartReplica, StartReplicaReply, StopReplica
 from duanflow_proto.messages.common import Ack
 
-from duanflow_agent import domain
+from duanflow_agent import domain, image_rules
 from duanflow_agent.domain import EXITED, READY, STARTING, STOPPING, Inventory, Replica
-from duanflow_agent.ports import BundleStore, LineSink, LogOpener, ReadySignal, ReplicaLog, ReplicaProcess, Spawner
+from duanflow_agent.ports import (
+    BundleStore,
+    ImageFetcher,
+    LineSink,
+    LogOpener,
+    ReadySignal,
+    ReplicaLog,
+    ReplicaProcess,
+    Spawner,
+)
 
 log = logging.getLogger("duanflow.agent")
 
@@ -44,6 +53,7 @@ class Supervisor:
         nats_password: str,
         start_timeout_s: float = 120.0,
         exited_keep_s: float = 60.0,
+        images: ImageFetcher | None = None,
     ) -> None:
         self.agent_id = agent_id
         self.inventory = inventory
@@ -64,6 +74,8 @@ class Supervisor:
         self._starts: dict[str, asyncio.Future[StartReplicaReply]] = {}
         self._tg: asyncio.TaskGroup | None = None
         self._closing = False
+        self.images = images
+        """Venv images by id; None: replicas run in the agent's own environment only."""
 
     @asynccontextmanager
     async def running(self, shutdown_grace_s: float) -> AsyncIterator[Supervisor]:
@@ -119,6 +131,9 @@ class Supervisor:
     async def _start(self, rec: Replica) -> StartReplicaReply:
         cmd = rec.cmd
         bundle_dir = await self._bundles.fetch(cmd.bundle_url, cmd.bundle_digest)
+        image_paths: list[str] = []
+        if cmd.image_url and self.images is not None:
+            image_paths = await self.images.fetch(cmd.image_url, cmd.image_id)
         if rec.state != STARTING:
             raise ConflictError(f"replica {cmd.replica_id} was stopped before it started")
         if self._tg is None or self._closing:
@@ -132,6 +147,7 @@ class Supervisor:
             nats_password=self._nats[2],
             simulated_gpu=self.inventory.simulated and bool(cmd.gpu_indices),
         )
+        env["PYTHONPATH"] = image_rules.with_image_paths(env["PYTHONPATH"], image_paths)
         log_path = self.log_path(cmd.replica_id)
         logfile = await asyncio.to_thread(self._open_log, log_path)
         tail = rec.stderr_tail
@@ -141,7 +157,7 @@ class Supervisor:
             if stream == "stderr":
                 tail.append(line)
 
-        on_line = self._sinks(cmd, keep)
+        on_line = image_rules.masking(self._sinks(cmd, keep), image_rules.secret_values(cmd.env_vars, cmd.secret_keys))
         exited = asyncio.Event()
         async with self._ready.listen(cmd.replica_id) as ready:
             try:

@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 import msgspec
 from duanflow_proto import subjects
 from duanflow_proto.errors import InvalidInputError, UnavailableError
-from duanflow_proto.messages.build import BuildRequest, BuildResult, ImageSpec
+from duanflow_proto.messages.build import BuildRequest, BuildResult, ImageSpec, image_artifact_key
 from duanflow_proto.messages.logs import LogLine
 
 from duanflow_builder.ports import ArtifactStore, BuildEvents, BuildFailedError, Clock, ImageStore, VenvBuilder
@@ -47,8 +47,8 @@ def image_id(spec: ImageSpec) -> str:
 
 
 def artifact_key(image: str) -> str:
-    """S3 key of a packed venv image."""
-    return f"images/{image}.tar.gz"
+    """S3 key of a packed venv image (the router presigns the same key for agents)."""
+    return image_artifact_key(image)
 
 
 def needs_build(spec: ImageSpec) -> bool:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,23 +15,48 @@ from duanflow_kit.streams import ensure_streams
 from duanflow_proto import subjects
 
 from duanflow_router import handlers
-from duanflow_router.adapters.nats import NatsAgentClient, NatsPlatform
+from duanflow_router.adapters.crypto import AesGcmSealer
+from duanflow_router.adapters.nats import NatsAgentClient, NatsLease, NatsPlatform
 from duanflow_router.adapters.postgres import PostgresReleaseStore, open_pool
 from duanflow_router.adapters.s3 import S3BlobStore
+from duanflow_router.adapters.secrets_pg import PostgresAppSwitch, PostgresSecretStore
 from duanflow_router.control import ControlPlane
+from duanflow_router.ports import Lease
+from duanflow_router.replica_setup import ReplicaSetup
+from duanflow_router.secrets import Secrets
 from duanflow_router.settings import Settings
 
 log = logging.getLogger("duanflow.router")
 
 
+GC_THRESHOLDS = (50_000, 20, 100)
+
+
+def tune_gc() -> None:
+    """Keep the garbage collector off the decision path.
+
+    The fleet index is a large, long-lived object graph: full collections that walk it stall decisions for
+    milliseconds. Freezing what exists after the fleet is loaded moves it out of the collector's way, and a
+    larger first threshold makes collections rarer (the technique CPython documents for ``gc.freeze``).
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 class RouterApp:
-    """The router service: :attr:`service` with handlers registered; :attr:`control` once started."""
+    """The router service: :attr:`service` with handlers registered; :attr:`control` once started.
+
+    Every instance keeps the fleet view and live prices; only the holder of the leader lease serves the
+    control API and sweeps for dead agents. A standby takes over once the active router's lease lapses
+    (``lease_ttl_s`` after it stopped renewing), rebuilding its state from Postgres and the KV buckets.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.service = Service("router", settings)
         self._control: ControlPlane | None = None
-        handlers.register(self.service, self.control)
+        self.leader = False
         self.service.health_checks.append(self._health)
 
     def control(self) -> ControlPlane:
@@ -40,11 +68,41 @@ class RouterApp:
     async def _health(self) -> dict[str, str]:
         if self._control is None:
             return {"state": "starting"}
-        return await self._control.health()
+        details = await self._control.health()
+        details["role"] = "leader" if self.leader else "standby"
+        return details
+
+    async def _step(self, control: ControlPlane, lease: Lease, api: handlers.LeaderApi) -> None:
+        """One tick: renew (or try to take) the lease; serve the API and sweep while holding it."""
+        me = self.service.instance
+        if self.leader:
+            self.leader = await lease.renew(me)
+            if not self.leader:
+                log.error("lost the leader lease: standing by")
+                await api.stop()
+        elif await lease.acquire(me):
+            log.info("took the leader lease (%s): rebuilding state", me)
+            await control.load()
+            tune_gc()
+            await api.start()
+            self.leader = True
+        if self.leader:
+            await control.sweep()
+
+    async def _lead(self, control: ControlPlane, lease: Lease, api: handlers.LeaderApi) -> None:
+        """Hold (or wait for) the lease for as long as the service runs."""
+        while True:
+            await asyncio.sleep(self.settings.tick_s)
+            try:
+                await self._step(control, lease, api)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a NATS or Postgres hiccup: try again next tick
+                log.warning("leader loop: %s: %s", type(exc).__name__, exc)
 
     @asynccontextmanager
     async def lifespan(self, service: Service) -> AsyncIterator[None]:
-        """Open Postgres (migrated), S3 (bucket ensured), streams, then listen to capacity reports."""
+        """Open Postgres (migrated), S3 (bucket ensured), streams; listen to capacity and prices; lead or stand by."""
         s = self.settings
         pool: Any = await open_pool(s.database_url, s.schema)
         try:
@@ -62,19 +120,46 @@ class RouterApp:
                 PostgresReleaseStore(pool),
                 blobs,
                 NatsAgentClient(service.nc),
-                NatsPlatform(service.js),
+                NatsPlatform(service.js, service.nc),
                 start_timeout_s=s.start_timeout_s,
+                capacity_wait_s=s.capacity_wait_s,
             )
-            await control.load()
-            listener = handlers.CapacityListener(control)
-            sub = await service.nc.subscribe(subjects.CAPACITY_ALL, cb=listener.on_message)
+            control.setup = ReplicaSetup(
+                Secrets(PostgresSecretStore(pool), AesGcmSealer(s.secret_key) if s.secret_key else None),
+                blobs,
+                PostgresAppSwitch(pool),
+            )
+            for update in await control.platform.stored_prices():
+                control.apply_price(update)
+            capacity = handlers.CapacityListener(control)
+            prices = handlers.PriceListener(control)
+            subs = [
+                await service.nc.subscribe(subjects.CAPACITY_ALL, cb=capacity.on_message),
+                await service.nc.subscribe(subjects.PRICE_ALL, cb=prices.on_message),
+            ]
             self._control = control
-            log.info("router ready (schema %s, bucket %s)", s.schema, s.s3_bucket)
+            lease = NatsLease(service.js, key=s.schema)
             try:
-                yield
+                async with asyncio.TaskGroup() as tasks:
+                    api = handlers.LeaderApi(service.nc, handlers.routes(self.control), tasks)
+                    # A lone router leads (and serves the API) before its health check answers.
+                    await self._step(control, lease, api)
+                    leading = tasks.create_task(self._lead(control, lease, api))
+                    log.info("router ready (schema %s, bucket %s)", s.schema, s.s3_bucket)
+                    try:
+                        yield
+                    finally:
+                        leading.cancel()
+                        await api.stop()
+                        if self.leader:
+                            with contextlib.suppress(Exception):
+                                await lease.release(service.instance)
+                        self.leader = False
             finally:
                 self._control = None
-                await sub.unsubscribe()
+                for sub in subs:
+                    with contextlib.suppress(Exception):
+                        await sub.unsubscribe()
         finally:
             await pool.close()
 

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 import msgspec
 from duanflow_proto import subjects
 from duanflow_proto.errors import (
+    ConflictError,
     DuanFlowError,
     InvalidInputError,
     NoCapacityError,
@@ -27,9 +28,13 @@ from duanflow_proto.errors import (
     details,
 )
 from duanflow_proto.messages.agent import CapacityReport, FleetReply, StartReplica, StopReplica
+from duanflow_proto.messages.invocation import PayloadUrlReply, PayloadUrlRequest
 from duanflow_proto.messages.logs import LogLine
+from duanflow_proto.messages.price import PriceList, PriceUpdate
 from duanflow_proto.messages.release import (
     AppSpec,
+    AppStopReply,
+    AppStopRequest,
     DeployReply,
     DeployRequest,
     FunctionLookup,
@@ -41,17 +46,31 @@ from duanflow_proto.messages.release import (
     UploadUrlReply,
     UploadUrlRequest,
 )
-from duanflow_proto.messages.scheduler import SchedulerDecision
+from duanflow_proto.messages.scheduler import CandidateVerdict, SchedulerDecision
 
 from duanflow_router import domain
+from duanflow_router.fleet import FleetIndex
+from duanflow_router.placement import PriceBook, norm_type, request_of
 from duanflow_router.ports import AgentClient, BlobStore, Platform, ReleaseStore, ReplicaRecord
+from duanflow_router.replica_setup import ReplicaSetup
 
 log = logging.getLogger("duanflow.router")
 
 UPLOAD_URL_TTL_S = 15 * 60
+PAYLOAD_MAX_BYTES = 2 * 1024**3
+"""Largest argument or result that travels through S3."""
 BUNDLE_URL_TTL_S = 3600
 START_TIMEOUT_S = 120.0
+CAPACITY_WAIT_S = 60.0
+"""How long a deploy waits (with backoff, logging ``no_capacity`` each time) for GPUs that fit but are taken."""
+CAPACITY_BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+REPLACE_RETRY_S = 5.0
+PRICE_HYSTERESIS = 0.10
+"""A price-optimised replica moves only to a pool cheaper by more than this fraction (no flapping)."""
 RELEASED_MEMORY = 10_000
+BRUTE_FORCE_MAX_AGENTS = 256
+"""Up to this many live agents a decision judges every agent (the event lists each); beyond, the index decides."""
+MAX_PRICE_PER_GPU_HOUR = 10_000.0
 NO_AGENT = (
     "no agent is reporting capacity, so no replica can be placed: start an agent on a GPU host "
     "(`python -m duanflow_agent`; `duanflow dev up` starts one locally) and deploy again"
@@ -82,6 +101,7 @@ class ControlPlane:
         *,
         wall_now: Callable[[], datetime] = _wall_now,
         start_timeout_s: float = START_TIMEOUT_S,
+        capacity_wait_s: float = CAPACITY_WAIT_S,
     ) -> None:
         self.store = store
         self.blobs = blobs
@@ -90,25 +110,206 @@ class ControlPlane:
         self.replicas: dict[str, ReplicaRecord] = {}
         self._wall_now = wall_now
         self._start_timeout_s = start_timeout_s
+        self._capacity_wait_s = capacity_wait_s
         self._deploy_locks: dict[tuple[str, str], asyncio.Lock] = {}
         # Replicas told to stop, oldest first: their GPUs count as free though reports may still list them.
         self._released: dict[str, None] = {}
+        self.prices = PriceBook()
+        self.fleet = FleetIndex(self.prices)
+        self.dead_agents: list[str] = []
+        self._unplaced: list[ReplicaRecord] = []
+        self._prices_changed = False
+        self.rebalance_passes = 0
+        """Rebalance passes run so far (one per sweep after a price change)."""
+        self.setup: ReplicaSetup | None = None
+        """Secrets and images of replicas (:mod:`duanflow_router.replica_setup`); None: plain env only."""
+        self._retry_at = 0.0
 
     # ----------------------------------------------------------------- state
 
     async def load(self) -> None:
-        """Rebuild the in-memory replica table from the store (at start-up)."""
+        """Rebuild state at start-up: placed replicas from the store, live prices and the fleet from the buckets."""
         for rec in await self.store.running_replicas():
             self.replicas[rec.replica_id] = rec
+            self.fleet.reserve(rec.agent_id, rec.gpu_indices)
+        for update in await self.platform.stored_prices():
+            self.prices.apply(update)
+        await self.live_agents()
+
+    def _now_ms(self) -> int:
+        return int(self._wall_now().timestamp() * 1000)
 
     async def observe_capacity(self, report: CapacityReport) -> None:
-        """Store one capacity report published on the core subject in the capacity KV bucket (the fleet view)."""
+        """Index one capacity report published on the core subject and store it in the capacity KV bucket."""
+        self.fleet.observe(report)
         await self.platform.put_capacity(report)
 
     async def live_agents(self) -> list[CapacityReport]:
-        """Latest reports of the live agents, from the capacity KV bucket."""
-        now_ms = int(self._wall_now().timestamp() * 1000)
-        return domain.live_reports(await self.platform.capacity_reports(), now_ms)
+        """Latest reports of the live agents: the capacity KV bucket, synced into the fleet index.
+
+        Agents gone from the bucket (withdrawn, or aged out by its TTL) leave the index too.
+        """
+        live = domain.live_reports(await self.platform.capacity_reports(), self._now_ms())
+        present = {r.agent_id for r in live}
+        for report in live:
+            self.fleet.observe(report)
+        for agent_id in [a for a in self.fleet.agents if a not in present]:
+            self.fleet.remove(agent_id)
+        return live
+
+    async def sweep(self) -> list[ReplicaRecord]:
+        """Liveness sweep (the active router, every tick): re-place the replicas of dead agents.
+
+        An agent that missed ``LIVENESS_BEATS`` beats (or left the capacity bucket) is dead: its replicas are
+        marked ``lost`` and their GPUs released, and each one of the active release is started again on a live
+        agent (the invocations it had in flight were never acked, so the consumer redelivers them).
+        """
+        # The index, fed by every report on the capacity subject, is the view here: reading the whole capacity
+        # bucket every tick would cost one KV read per agent per second on a large fleet.
+        dead = set(self.fleet.expire(self._now_ms()))
+        lost = [r for r in self.replicas.values() if r.agent_id not in self.fleet.agents]
+        dead.update(r.agent_id for r in lost)
+        if dead:
+            self.dead_agents.extend(sorted(dead))
+            del self.dead_agents[:-100]
+        replaced: list[ReplicaRecord] = []
+        for rec in lost:
+            self._unreserve(rec.replica_id, stopped=True)
+            with contextlib.suppress(Exception):
+                await self.store.set_replica_state(rec.replica_id, "lost")
+            log.warning(
+                "agent %s is dead: re-placing replica %s of %s/%s.%s",
+                rec.agent_id,
+                rec.replica_id,
+                rec.env,
+                rec.app,
+                rec.function,
+            )
+        now = asyncio.get_running_loop().time()
+        retry = [r for r in self._unplaced if now >= self._retry_at]
+        if retry:
+            self._unplaced = [r for r in self._unplaced if r not in retry]
+        for rec in [*lost, *retry]:
+            release = await self.store.active_release(rec.env, rec.app)
+            if release is None or release.release_id != rec.release_id:
+                continue
+            fn = next((f for f in release.spec.functions if f.name == rec.function), None)
+            if fn is None:
+                continue
+            try:
+                url = await self.blobs.presign_get(release.bundle_key, BUNDLE_URL_TTL_S)
+                new, note = await self._start_one(release, fn, url)
+            except DuanFlowError as exc:  # announced as a scheduler decision; retried a few sweeps later
+                log.warning("could not re-place %s of %s/%s: %s", rec.function, rec.env, rec.app, exc.message)
+                self._unplaced.append(rec)
+                self._retry_at = now + REPLACE_RETRY_S
+                continue
+            log.info("re-placed: %s", note)
+            replaced.append(new)
+        if self._prices_changed:
+            self._prices_changed = False
+            await self.rebalance()
+        return replaced
+
+    async def rebalance(self) -> list[tuple[str, str]]:
+        """Move ``optimize="price"`` replicas to a pool that became cheaper by more than ``PRICE_HYSTERESIS``.
+
+        The new replica starts first; the old one then gets ``StopReplica``, which drains its in-flight inputs
+        before it exits, so no work is interrupted. Returns (old, new) replica ids.
+        """
+        self.rebalance_passes += 1
+        moved: list[tuple[str, str]] = []
+        releases: dict[tuple[str, str], Release | None] = {}
+        for rec in list(self.replicas.values()):
+            if rec.state != "running" or not rec.gpu_indices:
+                continue
+            if (rec.env, rec.app) not in releases:
+                releases[(rec.env, rec.app)] = await self.store.active_release(rec.env, rec.app)
+            release = releases[(rec.env, rec.app)]
+            if release is None or release.release_id != rec.release_id:
+                continue
+            fn = next((f for f in release.spec.functions if f.name == rec.function), None)
+            now = self.fleet.price_of(rec.agent_id, rec.gpu_indices[0])
+            if fn is None or fn.optimize != "price" or now is None:
+                continue
+            best = self.fleet.choose(request_of(fn))
+            if not best.placed or best.price >= now * (1 - PRICE_HYSTERESIS):
+                continue
+            url = await self.blobs.presign_get(release.bundle_key, BUNDLE_URL_TTL_S)
+            try:
+                new, note = await self._start_one(release, fn, url)
+            except DuanFlowError as exc:
+                log.warning("could not move %s to a cheaper pool: %s", rec.replica_id, exc.message)
+                continue
+            log.info("moved %s ($%.2f/GPU-h) for a cheaper pool: %s", rec.replica_id, now, note)
+            await self._stop_all([rec])
+            moved.append((rec.replica_id, new.replica_id))
+        return moved
+
+    def apply_price(self, update: PriceUpdate) -> int:
+        """Use a live price from the next placement on; returns how many agents it re-priced."""
+        touched = self.fleet.set_price(update)
+        self._prices_changed = True
+        log.info(
+            "price of pool %s%s is now $%.4f/GPU-h (%d agent(s))",
+            update.pool,
+            f" ({update.gpu_type})" if update.gpu_type else "",
+            update.price_per_gpu_hour,
+            touched,
+        )
+        return touched
+
+    async def set_price(self, update: PriceUpdate) -> PriceList:
+        """``duanflow price set POOL PRICE``: validate, store in the prices bucket, announce on the price feed."""
+        try:
+            pool = subjects.token(update.pool)
+        except ValueError as exc:
+            raise InvalidInputError(f"invalid pool name: {exc}", details=details(pool=update.pool)) from None
+        price = update.price_per_gpu_hour
+        if not (0 <= price <= MAX_PRICE_PER_GPU_HOUR) or price != price:
+            raise InvalidInputError(
+                f"price must be dollars per GPU-hour from 0 to {MAX_PRICE_PER_GPU_HOUR:g}, got {price}",
+                details=details(pool=pool, price=price),
+            )
+        clean = msgspec.structs.replace(
+            update, pool=pool, gpu_type=norm_type(update.gpu_type), ts_ms=update.ts_ms or self._now_ms()
+        )
+        self.apply_price(clean)
+        await self.platform.store_price(clean)
+        await self.platform.publish_price(clean)
+        return self.price_list()
+
+    def price_list(self) -> PriceList:
+        """Every live price override."""
+        return PriceList(prices=self.prices.updates())
+
+    def _reserve(self, rec: ReplicaRecord) -> None:
+        self.replicas[rec.replica_id] = rec
+        self.fleet.reserve(rec.agent_id, rec.gpu_indices)
+
+    def _unreserve(self, replica_id: str, *, stopped: bool = False) -> ReplicaRecord | None:
+        rec = self.replicas.pop(replica_id, None)
+        if rec is not None:
+            self.fleet.unreserve(rec.agent_id, rec.gpu_indices, replica_id if stopped else "")
+        return rec
+
+    def _decide(
+        self, fn: FunctionSpec, live: list[CapacityReport], env: str, app: str, image_id: str
+    ) -> domain.Placement:
+        """Filter → score → tie-break: every agent judged on small fleets, the fleet index on large ones."""
+        req = request_of(fn)
+        warm = {r.agent_id for r in self.replicas.values() if (r.env, r.app, r.function) == (env, app, fn.name)}
+        cached = {a.agent_id for a in live if image_id and image_id in a.cached_images}
+        if len(live) <= BRUTE_FORCE_MAX_AGENTS:
+            return domain.place(
+                req, live, self.reservations(), self._released, prices=self.prices, warm=warm, cached=cached
+            )
+        decision = self.fleet.choose(req, warm=warm, cached=cached)
+        verdicts = [
+            CandidateVerdict(agent_id="", gpu_type=v.gpu_type, accepted=v.accepted, reason=v.reason, score=v.price)
+            for v in self.fleet.explain(req)
+        ]
+        return dataclasses.replace(decision, candidates=(*decision.candidates, *verdicts))
 
     def reservations(self) -> dict[str, set[int]]:
         """GPU indices per agent held by replicas this router placed."""
@@ -143,6 +344,25 @@ class ControlPlane:
             return UploadUrlReply(key=key, url="", exists=True)
         return UploadUrlReply(key=key, url=await self.blobs.presign_put(key, UPLOAD_URL_TTL_S))
 
+    async def payload_url(self, req: PayloadUrlRequest) -> PayloadUrlReply:
+        """Where to PUT (``upload``) or GET one large argument or result; keys are content-addressed."""
+        digest = req.digest.strip().lower()
+        if not domain.is_digest(digest):
+            raise InvalidInputError("payload digest must be 64 hex characters (sha256)", details=details(digest=digest))
+        if req.size < 0 or req.size > PAYLOAD_MAX_BYTES:
+            raise PayloadTooLargeError(
+                f"a payload of {req.size} bytes is over the {PAYLOAD_MAX_BYTES} byte limit",
+                details=details(size=req.size, limit=PAYLOAD_MAX_BYTES),
+            )
+        key = f"payloads/{digest[:2]}/{digest}"
+        if req.upload:
+            if await self.blobs.exists(key):
+                return PayloadUrlReply(key=key, exists=True)
+            return PayloadUrlReply(key=key, url=await self.blobs.presign_put(key, UPLOAD_URL_TTL_S))
+        if not await self.blobs.exists(key):
+            raise NotFoundError(f"no payload {digest}", details=details(digest=digest))
+        return PayloadUrlReply(key=key, url=await self.blobs.presign_get(key, UPLOAD_URL_TTL_S), exists=True)
+
     async def releases(self, req: ReleaseListRequest) -> ReleaseList:
         """Releases of one app newest first, or the active release of every app."""
         _name(req.env, "env")
@@ -170,6 +390,19 @@ class ControlPlane:
             details=details(app=req.app, env=req.env, function=req.function, release=release.release_id),
         )
 
+    async def stop_app(self, req: AppStopRequest) -> AppStopReply:
+        """``duanflow stop APP``: no active release, no routes, its replicas drained and stopped."""
+        if self.setup is None:
+            raise UnavailableError("this router cannot stop apps (started without its replica setup)")
+        lock = self._deploy_locks.setdefault((req.env, req.app), asyncio.Lock())
+        async with lock:
+            return await self.setup.stop_app(
+                req,
+                lambda env, app: self.store.running_replicas(env, app),
+                self._stop_all,
+                lambda env, app: self.platform.put_routes(env, app, {}),
+            )
+
     async def fleet_view(self) -> FleetReply:
         """Every live agent with its latest report."""
         return FleetReply(agents=await self.live_agents())
@@ -177,6 +410,8 @@ class ControlPlane:
     async def deploy(self, req: DeployRequest) -> DeployReply:
         """Store an immutable release, place its replicas, then activate it and stop the previous ones."""
         self._validate(req)
+        if self.setup is not None:
+            await self.setup.check(req)
         if not await self.blobs.exists(req.bundle_key):
             raise InvalidInputError(
                 f"bundle {req.bundle_key} is not uploaded: ask for an upload URL and PUT the bundle first",
@@ -200,6 +435,18 @@ class ControlPlane:
             if fn.name in seen:
                 raise InvalidInputError(f"function {fn.name!r} is declared twice", details=details(function=fn.name))
             seen.add(fn.name)
+            if (
+                fn.endpoint is not None
+                and fn.endpoint.auth_secret
+                and domain.bearer_token_value(req.spec, fn) is None
+                and not (self.setup is not None and (req.spec.secrets or fn.secrets))
+            ):
+                name = fn.endpoint.auth_secret
+                raise InvalidInputError(
+                    f"{fn.name} uses Auth.bearer({name!r}) but the app's env has no {name}: set it, e.g. "
+                    f"df.App(..., env={{{name!r}: os.environ[{name!r}]}})",
+                    details=details(function=fn.name),
+                )
             if fn.gpu and fn.gpu_count < 1:
                 raise InvalidInputError(f"{fn.name}: gpu_count must be at least 1", details=details(function=fn.name))
             if fn.keep_warm < 0 or fn.timeout_s <= 0 or fn.concurrency < 1 or fn.retries < 0:
@@ -223,7 +470,7 @@ class ControlPlane:
             raise NoCapacityError(NO_AGENT, details=details(app=spec.name, env=env, live_agents=0))
         for fn in spec.functions:
             # Refuse what can never run before anything is stored.
-            verdict = domain.place(fn, live, self.reservations())
+            verdict = self._decide(fn, live, env, spec.name, req.image_id)
             if verdict.outcome == domain.OUTCOME_NO_MATCHING_GPU:
                 await self._announce(env, spec.name, "", fn.name, verdict)
                 raise NoMatchingGpuError(
@@ -232,7 +479,14 @@ class ControlPlane:
                         function=fn.name, gpu=",".join(fn.gpu), gpu_count=fn.gpu_count, gpu_memory_mb=fn.gpu_memory_mb
                     ),
                 )
-        release = await self._create_release(req)
+        conflicts = domain.route_conflicts(env, spec, await self.platform.routes())
+        if conflicts:
+            raise ConflictError(
+                "two endpoints cannot serve the same method and path: " + "; ".join(conflicts),
+                details=details(app=spec.name, env=env),
+            )
+        stored = await self.setup.stored_release(self.store, req) if self.setup is not None else None
+        release = stored or await self._create_release(req)
         for fn in spec.functions:
             await self.platform.ensure_function_consumer(env, spec.name, fn)
         bundle_url = await self.blobs.presign_get(req.bundle_key, BUNDLE_URL_TTL_S)
@@ -244,7 +498,8 @@ class ControlPlane:
             for fn in spec.functions:
                 for _ in range(max(1, fn.keep_warm)):
                     try:
-                        rec, note = await self._start_one(release, fn, bundle_url)
+                        wait_s = 0.0 if old and not stopped_early else self._capacity_wait_s
+                        rec, note = await self._start_one(release, fn, bundle_url, wait_s)
                     except NoCapacityError:
                         if stopped_early or not old:
                             raise
@@ -253,7 +508,7 @@ class ControlPlane:
                         stopped_early = True
                         messages.append(f"no spare capacity: stopping {len(old)} old replica(s) before starting")
                         await self._stop_all(old)
-                        rec, note = await self._start_one(release, fn, bundle_url)
+                        rec, note = await self._start_one(release, fn, bundle_url, self._capacity_wait_s)
                     started.append(rec)
                     messages.append(note)
         except Exception as exc:
@@ -264,7 +519,7 @@ class ControlPlane:
                 raise type(err)(err.message + note, details=err.details, traceback=err.remote_traceback) from exc
             raise
         await self.store.activate(env, spec.name, release.release_id)
-        routes = domain.route_entries(release)
+        routes = domain.route_entries(await self.setup.with_bearer_env(release) if self.setup else release)
         try:
             await self.platform.put_routes(env, spec.name, routes)
         except Exception as exc:  # the release is active; the gateway catches up on the next deploy
@@ -296,15 +551,31 @@ class ControlPlane:
                 return release
         raise UnavailableError("could not allocate a release id; retry the deploy")
 
-    async def _start_one(self, release: Release, fn: FunctionSpec, bundle_url: str) -> tuple[ReplicaRecord, str]:
+    async def _start_one(
+        self, release: Release, fn: FunctionSpec, bundle_url: str, wait_s: float = 0.0
+    ) -> tuple[ReplicaRecord, str]:
         env, app = release.env, release.app
-        live = await self.live_agents()
-        placement = domain.place(fn, live, self.reservations(), self._released)
-        if not placement.placed:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        attempt = 0
+        while True:
+            live = await self.live_agents()
+            placement = self._decide(fn, live, env, app, release.image_id)
+            if placement.placed:
+                break
             await self._announce(env, app, release.release_id, fn.name, placement)
             if placement.outcome == domain.OUTCOME_NO_MATCHING_GPU:
                 raise NoMatchingGpuError(placement.reason, details=details(function=fn.name))
-            raise NoCapacityError(placement.reason, details=details(function=fn.name, release=release.release_id))
+            delay = CAPACITY_BACKOFF_S[min(attempt, len(CAPACITY_BACKOFF_S) - 1)]
+            if loop.time() + delay > deadline:
+                waited = f" after waiting {wait_s:.0f}s" if wait_s else ""
+                raise NoCapacityError(
+                    placement.reason + waited, details=details(function=fn.name, release=release.release_id)
+                )
+            log.info("no capacity for %s/%s.%s yet: retrying in %.1fs", env, app, fn.name, delay)
+            attempt += 1
+            await asyncio.sleep(delay)
+        extras = await self.setup.for_replica(release, fn) if self.setup is not None else None
         replica_id = f"rp-{uuid.uuid4().hex[:12]}"
         rec = ReplicaRecord(
             replica_id=replica_id,
@@ -316,8 +587,9 @@ class ControlPlane:
             gpu_indices=placement.gpu_indices,
             state="starting",
         )
-        # Reserve before the first await, so a concurrent deploy's placement sees these GPUs as taken.
-        self.replicas[replica_id] = rec
+        # Reserve before the first await, so a concurrent deploy's placement sees these GPUs as taken; the
+        # reservation holds until the agent confirms the replica started, and is released if it does not.
+        self._reserve(rec)
         command = StartReplica(
             replica_id=replica_id,
             env=env,
@@ -333,14 +605,16 @@ class ControlPlane:
             concurrency=fn.concurrency,
             timeout_s=fn.timeout_s,
             gpu_indices=list(placement.gpu_indices),
-            env_vars=_env_vars(release.spec, fn),
+            env_vars=extras.env_vars if extras is not None else _env_vars(release.spec, fn),
+            image_url=extras.image_url if extras is not None else "",
+            secret_keys=extras.secret_keys if extras is not None else [],
         )
         try:
             await self._announce(env, app, release.release_id, fn.name, placement, replica_id)
             await self.store.record_replica(rec)
             reply = await self.agents.start_replica(placement.agent_id, command, self._start_timeout_s)
         except Exception as exc:
-            self.replicas.pop(replica_id, None)
+            self._unreserve(replica_id)
             with contextlib.suppress(Exception):  # the original failure is what the deployer needs to see
                 await self.store.set_replica_state(replica_id, "failed")
             err = exc if isinstance(exc, DuanFlowError) else UnavailableError(f"{type(exc).__name__}: {exc}")
@@ -361,7 +635,7 @@ class ControlPlane:
                 await self.agents.stop_replica(rec.agent_id, StopReplica(replica_id=rec.replica_id))
             except Exception as exc:  # an unreachable agent must not fail the deploy that replaced it
                 log.warning("could not stop replica %s on %s: %s", rec.replica_id, rec.agent_id, exc)
-            self.replicas.pop(rec.replica_id, None)
+            self._unreserve(rec.replica_id, stopped=True)
             self._released[rec.replica_id] = None
             while len(self._released) > RELEASED_MEMORY:
                 del self._released[next(iter(self._released))]

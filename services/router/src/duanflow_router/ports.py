@@ -7,6 +7,7 @@ from typing import Protocol
 
 from duanflow_proto.messages.agent import CapacityReport, StartReplica, StartReplicaReply, StopReplica
 from duanflow_proto.messages.logs import LogLine
+from duanflow_proto.messages.price import PriceUpdate
 from duanflow_proto.messages.release import FunctionSpec, Release, RouteEntry
 from duanflow_proto.messages.scheduler import SchedulerDecision
 
@@ -91,6 +92,9 @@ class Platform(Protocol):
     async def publish_log(self, line: LogLine) -> None:
         """Publish one log line to the logs stream."""
 
+    async def routes(self) -> dict[str, RouteEntry]:
+        """Every entry of the routes KV bucket by key (unreadable ones left out)."""
+
     async def put_routes(self, env: str, app: str, routes: dict[str, RouteEntry]) -> None:
         """Make ``routes`` (by key) the app's entries in the routes KV bucket, deleting its other entries."""
 
@@ -99,3 +103,25 @@ class Platform(Protocol):
 
     async def capacity_reports(self) -> list[CapacityReport]:
         """Every report in the capacity KV bucket (its TTL drops agents that stopped reporting)."""
+
+    async def stored_prices(self) -> list[PriceUpdate]:
+        """Every live price override in the prices KV bucket."""
+
+    async def store_price(self, update: PriceUpdate) -> None:
+        """Keep one override in the prices KV bucket (a restarted or standby router reloads it)."""
+
+    async def publish_price(self, update: PriceUpdate) -> None:
+        """Announce one override on the pool's price-feed subject (every router applies it)."""
+
+
+class Lease(Protocol):
+    """The leader lease in a KV bucket: one active router at a time."""
+
+    async def acquire(self, holder: str) -> bool:
+        """Take the lease if nobody holds it; True when ``holder`` now holds it."""
+
+    async def renew(self, holder: str) -> bool:
+        """Keep the lease; False when it was lost (expired and taken by another)."""
+
+    async def release(self, holder: str) -> None:
+        """Give the lease up (clean shutdown), so a standby takes over at once."""

@@ -28,6 +28,12 @@ class Settings(BaseSettings, frozen=True, kw_only=True):
     """Postgres schema this service owns."""
     start_timeout_s: float = 180.0
     """Seconds to wait for an agent to report a replica ready (its download, image unpack and imports)."""
+    capacity_wait_s: float = 60.0
+    """Seconds a deploy waits, with backoff, for GPUs that fit but are all taken (``no_capacity``)."""
+    tick_s: float = 1.0
+    """Seconds between liveness sweeps (dead agents' replicas are re-placed) and lease renewals."""
+    secret_key: str = ""
+    """Key that seals stored secrets (AES-256-GCM via HKDF; 32+ random characters). Empty: secrets are refused."""
 
 
 def load() -> Settings:

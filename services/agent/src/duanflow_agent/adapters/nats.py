@@ -12,7 +12,7 @@ from typing import Any
 
 from duanflow_proto import codec, subjects
 from duanflow_proto.messages.agent import StartReplica
-from duanflow_proto.messages.logs import LogLine
+from duanflow_proto.messages.logs import LEVEL_MARK, LEVELS, LogLine
 from nats.aio.client import Client as NatsClient
 
 from duanflow_agent.domain import AGENT_STREAM
@@ -49,37 +49,67 @@ class NatsReadySignal:
 class _Source:
     """Where one replica's lines go, and how many were dropped since the last marker."""
 
-    __slots__ = ("app", "dropped", "env", "function", "release", "replica", "subject")
+    __slots__ = ("app", "dropped", "env", "function", "limited", "refilled", "release", "replica", "subject", "tokens")
 
-    def __init__(self, cmd: StartReplica) -> None:
+    def __init__(self, cmd: StartReplica, burst: float) -> None:
         self.subject = subjects.logs(cmd.env, cmd.app, "runtime", cmd.replica_id)
         self.env, self.app, self.release = cmd.env, cmd.app, cmd.release
         self.function, self.replica = cmd.function, cmd.replica_id
         self.dropped = 0
+        self.limited = 0
+        """Of :attr:`dropped`, lines over the rate limit (the rest found the buffer full)."""
+        self.tokens = burst
+        self.refilled = time.monotonic()
+
+    def admit(self, rate: float, burst: float) -> bool:
+        """Token bucket: whether one more line fits ``rate`` lines/s with bursts of ``burst``."""
+        now = time.monotonic()
+        self.tokens = min(burst, self.tokens + (now - self.refilled) * rate)
+        self.refilled = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
 
 
 class LogRelay:
     """Publishes replica output as ``LogLine``s; a bounded buffer between pipe readers and NATS.
 
-    Readers never wait on NATS: when the buffer is full a line is dropped and counted, and a marker line
-    saying how many were lost is published before that replica's next line.
+    Readers never wait on NATS: a replica writing more than ``rate`` lines/s (bursts of ``burst``), or any line
+    finding the buffer full, is dropped and counted, and a marker line saying how many were lost is queued
+    just before that replica's next line.
     """
 
-    def __init__(self, nc: NatsClient, max_lines: int) -> None:
+    def __init__(self, nc: NatsClient, max_lines: int, rate: float = 5_000.0, burst: float = 20_000.0) -> None:
         self._nc = nc
-        self._queue: asyncio.Queue[tuple[_Source, int, str, str]] = asyncio.Queue(maxsize=max(1, max_lines))
+        self._queue: asyncio.Queue[tuple[_Source, int, str, str, str]] = asyncio.Queue(maxsize=max(1, max_lines))
+        self.rate, self.burst = rate, max(1.0, burst)
         self.dropped_total = 0
 
     def sink(self, cmd: StartReplica, also: LineSink | None = None) -> LineSink:
         """A line sink for one replica; ``also`` sees every line too (the stderr tail)."""
-        src = _Source(cmd)
+        src = _Source(cmd, self.burst)
         put = self._queue.put_nowait
 
         def on_line(stream: str, line: str) -> None:
+            level = "warning" if stream == AGENT_STREAM else "info"
+            if line.startswith(LEVEL_MARK):  # a Python logging record: its level, then the text
+                marked, _, line = line[len(LEVEL_MARK) :].partition("\t")
+                level = marked if marked in LEVELS else level
             if also is not None:
                 also(stream, line)
+            if not src.admit(self.rate, self.burst):
+                src.dropped += 1
+                src.limited += 1
+                self.dropped_total += 1
+                return
+            now_ms = time.time_ns() // 1_000_000
             try:
-                put((src, time.time_ns() // 1_000_000, stream, line))
+                if src.dropped:  # where the gap is: before this line, counted
+                    why = f"over {self.rate:g} lines/s" if src.limited == src.dropped else "log relay too slow"
+                    put((src, now_ms, AGENT_STREAM, f"[duanflow: {src.dropped} lines dropped: {why}]", "warning"))
+                    src.dropped = src.limited = 0
+                put((src, now_ms, stream, line, level))
             except asyncio.QueueFull:
                 src.dropped += 1
                 self.dropped_total += 1
@@ -91,13 +121,8 @@ class LogRelay:
         get = self._queue.get
         publish = self._nc.publish
         while True:
-            src, ts_ms, stream, line = await get()
+            src, ts_ms, stream, line, level = await get()
             try:
-                if src.dropped:
-                    n, src.dropped = src.dropped, 0
-                    marker = f"[duanflow: {n} lines dropped: log relay too slow]"
-                    await publish(src.subject, self._encode(src, ts_ms, AGENT_STREAM, marker, "warning"))
-                level = "warning" if stream == AGENT_STREAM else "info"
                 await publish(src.subject, self._encode(src, ts_ms, stream, line, level))
             except Exception as exc:  # NATS down: lose this line, keep relaying
                 log.warning("log line of %s not published: %s", src.replica, exc)

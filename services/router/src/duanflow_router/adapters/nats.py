@@ -11,6 +11,7 @@ from duanflow_proto.errors import DeadlineExceededError, InvalidInputError, Unav
 from duanflow_proto.messages.agent import CapacityReport, StartReplica, StartReplicaReply, StopReplica
 from duanflow_proto.messages.common import Ack
 from duanflow_proto.messages.logs import LogLine
+from duanflow_proto.messages.price import PriceUpdate
 from duanflow_proto.messages.release import FunctionSpec, RouteEntry
 from duanflow_proto.messages.scheduler import SchedulerDecision
 from nats.aio.client import Client as NatsClient
@@ -18,7 +19,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import KeyNotFoundError, NoKeysError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
 
 from duanflow_router.domain import route_key
 
@@ -74,10 +75,12 @@ class NatsAgentClient:
 class NatsPlatform:
     """:class:`duanflow_router.ports.Platform` on a JetStream context."""
 
-    def __init__(self, js: JetStreamContext) -> None:
+    def __init__(self, js: JetStreamContext, nc: NatsClient | None = None) -> None:
         self.js = js
+        self.nc = nc
         self._capacity_kv: Any = None
         self._routes_kv: Any = None
+        self._prices_kv: Any = None
 
     async def ensure_function_consumer(self, env: str, app: str, fn: FunctionSpec) -> None:
         """Create the consumer, or update it in place (same durable name: in-flight calls survive)."""
@@ -90,6 +93,25 @@ class NatsPlatform:
     async def publish_log(self, line: LogLine) -> None:
         """Publish to the logs stream."""
         await self.js.publish(subjects.logs(line.env, line.app, line.kind, line.source), codec.encode(line))
+
+    async def routes(self) -> dict[str, RouteEntry]:
+        """Every decodable entry of the routes bucket, by key."""
+        if self._routes_kv is None:
+            self._routes_kv = await self.js.key_value(subjects.KV_ROUTES)
+        kv = self._routes_kv
+        try:
+            keys: list[str] = await kv.keys()
+        except NoKeysError:
+            return {}
+        found: dict[str, RouteEntry] = {}
+        for key in keys:
+            try:
+                entry = await kv.get(key)
+                if entry.value:
+                    found[key] = codec.decode(entry.value, RouteEntry)
+            except Exception as exc:  # a deleted or garbage entry claims nothing
+                log.debug("route %s unreadable: %r", key, exc)
+        return found
 
     async def put_routes(self, env: str, app: str, routes: dict[str, RouteEntry]) -> None:
         """Put the app's endpoints in the routes bucket (the gateway watches it), then drop the stale ones."""
@@ -137,3 +159,84 @@ class NatsPlatform:
             except InvalidInputError as exc:
                 log.warning("ignoring capacity entry %s: %s", key, exc)
         return reports
+
+    async def _prices(self) -> Any:
+        if self._prices_kv is None:
+            self._prices_kv = await self.js.key_value(subjects.KV_PRICES)
+        return self._prices_kv
+
+    async def stored_prices(self) -> list[PriceUpdate]:
+        """Every decodable override in the prices bucket."""
+        kv = await self._prices()
+        try:
+            keys: list[str] = await kv.keys()
+        except NoKeysError:
+            return []
+        out: list[PriceUpdate] = []
+        for key in keys:
+            try:
+                entry = await kv.get(key)
+                if entry.value:
+                    out.append(codec.decode(entry.value, PriceUpdate))
+            except (KeyNotFoundError, InvalidInputError) as exc:
+                log.warning("ignoring price entry %s: %s", key, exc)
+        return out
+
+    async def store_price(self, update: PriceUpdate) -> None:
+        """Key ``<pool>`` or ``<pool>.<type>`` in the prices bucket."""
+        kv = await self._prices()
+        key = subjects.token(update.pool) + (f".{subjects.token(update.gpu_type)}" if update.gpu_type else "")
+        await kv.put(key, codec.encode(update))
+
+    async def publish_price(self, update: PriceUpdate) -> None:
+        """Core publish on the pool's price subject."""
+        if self.nc is None:
+            raise UnavailableError("price feed not connected")
+        await self.nc.publish(subjects.price(update.pool), codec.encode(update))
+
+
+class NatsLease:
+    """:class:`duanflow_router.ports.Lease` on the ``duanflow_leader`` bucket (its TTL ends a dead holder's lease).
+
+    Routers sharing one Postgres schema are one cluster: the key is the schema, so separate stacks on one NATS
+    (tests, several environments) each have their own leader.
+    """
+
+    def __init__(self, js: JetStreamContext, key: str = "router") -> None:
+        self.js = js
+        self.KEY = subjects.token(key)
+        self._kv: Any = None
+        self._revision = 0
+
+    async def _bucket(self) -> Any:
+        if self._kv is None:
+            self._kv = await self.js.key_value(subjects.KV_LEADER)
+        return self._kv
+
+    async def acquire(self, holder: str) -> bool:
+        """Create the key; fails while another holder's entry lives."""
+        kv = await self._bucket()
+        try:
+            self._revision = await kv.create(self.KEY, holder.encode())
+        except KeyWrongLastSequenceError:
+            return False
+        return True
+
+    async def renew(self, holder: str) -> bool:
+        """Update the key at the revision we wrote last; fails once someone else holds it."""
+        kv = await self._bucket()
+        try:
+            self._revision = await kv.update(self.KEY, holder.encode(), last=self._revision)
+        except (KeyWrongLastSequenceError, KeyNotFoundError):
+            return False
+        return True
+
+    async def release(self, holder: str) -> None:
+        """Delete the key if we still hold it."""
+        kv = await self._bucket()
+        try:
+            entry = await kv.get(self.KEY)
+        except KeyNotFoundError:
+            return
+        if entry.value == holder.encode():
+            await kv.delete(self.KEY, last=entry.revision)
