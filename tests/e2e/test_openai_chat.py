@@ -22,11 +22,12 @@ API_KEY = "sk-duanflow-" + uuid.uuid4().hex
 def stack(
     nats_server: tuple[servers.Proc, servers.NatsCredentials], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DUANFLOW_API_KEY", API_KEY)
-        module = load_module(EXAMPLES / "chat_completions.py", "chat_completions")
+    module = load_module(EXAMPLES / "chat_completions.py", "chat_completions")
     with gateway_stack(nats_server, tmp_path_factory.mktemp("openai")) as s:
-        deploy(s, module, EXAMPLES)
+        with pytest.MonkeyPatch.context() as mp:
+            # as in `DUANFLOW_API_KEY=... duanflow deploy examples/chat_completions.py`
+            mp.setenv("DUANFLOW_API_KEY", API_KEY)
+            deploy(s, module, EXAMPLES)
         yield s
 
 

@@ -27,6 +27,8 @@ class Invoker:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, Invocation, float]] = []
+        self.more: list[Result | DuanFlowError] = []
+        self.closed: list[str] = []
         self.answer: Callable[[Invocation], Result | DuanFlowError] = lambda inv: Result(
             call_id=inv.call_id, ok=True, codec="json", value=inv.args
         )
@@ -37,6 +39,15 @@ class Invoker:
         if isinstance(answer, DuanFlowError):
             raise answer
         return answer
+
+    async def next(self, call_id: str) -> Result:
+        answer = self.more.pop(0)
+        if isinstance(answer, DuanFlowError):
+            raise answer
+        return answer
+
+    def close(self, call_id: str) -> None:
+        self.closed.append(call_id)
 
 
 def route(method: str, path: str, function: str, timeout_s: float = 300.0) -> RouteEntry:
@@ -63,7 +74,7 @@ def client(invoker: Invoker) -> Iterator[TestClient]:  # type: ignore[type-arg]
     routes = Routes()
     routes.table.put("echo", route("POST", "/echo", "echo", timeout_s=7))
     routes.table.put("item", route("GET", "/items/{item_id}", "item"))
-    with TestClient(build_http(routes, invoker, Settings(max_body_bytes=1000, default_timeout_s=3))) as c:
+    with TestClient(build_http(routes, invoker, Settings(max_body_bytes=1000, default_timeout_s=3))) as c:  # type: ignore[type-var]
         yield c
 
 
@@ -208,7 +219,7 @@ def test_each_served_call_is_one_request_log_line(invoker: Invoker) -> None:
     routes = Routes()
     routes.table.put("echo", route("POST", "/echo", "echo"))
     lines = Lines()
-    with TestClient(build_http(routes, invoker, Settings(max_body_bytes=100), lines)) as c:
+    with TestClient(build_http(routes, invoker, Settings(max_body_bytes=100), lines)) as c:  # type: ignore[type-var]
         assert c.post("/echo?token=hidden", json={"password": "s3cret"}).status_code == 200
         assert c.post("/echo", content=b"{bad").status_code == 400
         assert c.post("/echo", content=b"x" * 200).status_code == 413
@@ -226,3 +237,105 @@ def test_each_served_call_is_one_request_log_line(invoker: Invoker) -> None:
     assert (first.env, first.app, first.kind, first.function) == ("main", "demo", "request", "echo")
     assert first.invocation.startswith("fc-")
     assert all("s3cret" not in ln.message and "hidden" not in ln.message for ln in lines.lines)
+
+
+def secured_client(invoker: Invoker, **endpoint: object) -> TestClient:  # type: ignore[type-arg]
+    from duanflow_proto.messages.release import bearer_digest
+
+    routes = Routes()
+    e = route("POST", "/secure", "secure")
+    e = msgspec.structs.replace(
+        e,
+        endpoint=EndpointSpec(method="POST", path="/secure", **endpoint),  # type: ignore[arg-type]
+        auth_salt="00",
+        auth_digest=bearer_digest("00", "sk-1"),
+    )
+    routes.table.put("secure", e)
+    return TestClient(build_http(routes, invoker, Settings(max_body_bytes=1000, default_timeout_s=3)))
+
+
+def test_401_names_the_scheme_and_never_reaches_a_replica(invoker: Invoker) -> None:
+    with secured_client(invoker, auth_secret="API_KEY") as c:
+        resp = c.post("/secure", json={})
+        assert resp.status_code == 401 and resp.headers["www-authenticate"].startswith("Bearer")
+        assert error_of(resp)["code"] == "unauthenticated"
+        assert c.post("/secure", json={}, headers={"Authorization": "Bearer nope"}).status_code == 401
+        assert invoker.calls == []
+        assert c.post("/secure", json={}, headers={"Authorization": "Bearer sk-1"}).status_code == 200
+        sent = msgspec.json.decode(invoker.calls[0][1].args)
+        assert "authorization" not in sent["request"]["headers"]
+
+
+def test_429_over_the_burst_limit_with_retry_after(invoker: Invoker) -> None:
+    import asyncio
+
+    import httpx
+
+    gate = asyncio.Event()
+    entered = asyncio.Event()
+
+    class Slow(Invoker):
+        async def invoke(self, subject: str, invocation: Invocation, timeout_s: float) -> Result:
+            entered.set()
+            await gate.wait()
+            return Result(call_id=invocation.call_id, ok=True, codec="json", value=b"1")
+
+    routes = Routes()
+    e = route("POST", "/b", "b")
+    routes.table.put(
+        "b", msgspec.structs.replace(e, endpoint=EndpointSpec(method="POST", path="/b", max_concurrency=1))
+    )
+
+    async def scenario() -> None:
+        transport = httpx.ASGITransport(app=build_http(routes, Slow(), Settings()))
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+            first = asyncio.ensure_future(c.post("/b", json={}))
+            await entered.wait()
+            resp = await c.post("/b", json={})
+            assert resp.status_code == 429 and resp.headers["retry-after"] == "1"
+            assert error_of(resp)["code"] == "rate_limited"
+            gate.set()
+            assert (await first).status_code == 200
+            assert (await c.post("/b", json={})).status_code == 200
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
+
+
+def test_streamed_result_is_relayed_until_final(invoker: Invoker) -> None:
+    def chunk(v: bytes, final: bool = False) -> Result:
+        return Result(call_id="x", ok=True, stream=True, final=final, codec="json", value=v)
+
+    invoker.answer = lambda inv: chunk(b'{"n":0}')
+    invoker.more = [chunk(b'{"n":1}'), chunk(b"", final=True)]
+    routes = Routes()
+    routes.table.put("s", route("POST", "/s", "s"))
+    with TestClient(build_http(routes, invoker, Settings())) as c:  # type: ignore[type-var]
+        resp = c.post("/s", json={}, headers={"accept": "text/event-stream"})
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+        assert resp.content == b'data: {"n":0}\n\ndata: {"n":1}\n\n'
+    assert invoker.closed == ["x"]
+
+
+def test_stream_broken_mid_way_ends_with_an_error_event(invoker: Invoker) -> None:
+    from duanflow_gateway.domain import BadGatewayError
+
+    invoker.answer = lambda inv: Result(call_id="y", ok=True, stream=True, final=False, codec="bytes", value=b"a")
+    invoker.more = [BadGatewayError("the replica stopped answering")]
+    routes = Routes()
+    routes.table.put("s", route("POST", "/s", "s"))
+    with TestClient(build_http(routes, invoker, Settings())) as c:  # type: ignore[type-var]
+        resp = c.post("/s", json={}, headers={"accept": "text/event-stream"})
+        assert resp.content.startswith(b"data: a\n\nevent: error\ndata: ")
+        assert b"bad_gateway" in resp.content
+
+
+def test_readyz_and_openapi(invoker: Invoker) -> None:
+    routes = Routes()
+    routes.table.put("item", route("GET", "/items/{item_id}", "item"))
+    ready = [False]
+    with TestClient(build_http(routes, invoker, Settings(), ready=lambda: ready[0])) as c:  # type: ignore[type-var]
+        assert c.get("/readyz").status_code == 503
+        ready[0] = True
+        assert c.get("/readyz").status_code == 200
+        doc = c.get("/openapi.json").json()
+        assert list(doc["paths"]) == ["/items/{item_id}"]

@@ -45,6 +45,10 @@ def bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # asyncio sets TCP_NODELAY only on accepted sockets whose proto says TCP, which this one's (0) does not; Linux
+    # hands the listener's option to accepted sockets. Without it, every response (headers and body written apart)
+    # waits ~40 ms for the client's delayed ACK (Nagle).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind((host, port))
     except OSError:
@@ -89,7 +93,13 @@ class GatewayApp:
         invoker = NatsInvoker(service.nc, service.js)
         await invoker.start()
         config = uvicorn.Config(
-            build_http(routes, invoker, s, NatsRequestLog(service.nc)),
+            build_http(
+                routes,
+                invoker,
+                s,
+                NatsRequestLog(service.nc),
+                ready=lambda: routes.ready.is_set() and bool(service.nc.is_connected),
+            ),
             log_config=None,
             access_log=False,
             lifespan="off",

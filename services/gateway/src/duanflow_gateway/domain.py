@@ -6,6 +6,8 @@ is refused with 502.
 
 from __future__ import annotations
 
+import base64
+import hmac
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -13,10 +15,17 @@ from typing import Any
 
 import msgspec
 from duanflow_proto import subjects
-from duanflow_proto.errors import DuanFlowError, InvalidInputError, NotFoundError, PayloadTooLargeError, from_reply
+from duanflow_proto.errors import (
+    DuanFlowError,
+    InvalidInputError,
+    NotFoundError,
+    PayloadTooLargeError,
+    UnauthenticatedError,
+    from_reply,
+)
 from duanflow_proto.messages.invocation import CODEC_BYTES, CODEC_JSON, Result
 from duanflow_proto.messages.logs import LogLine
-from duanflow_proto.messages.release import RouteEntry
+from duanflow_proto.messages.release import RouteEntry, bearer_digest
 
 _PARAM = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 _INV_PREFIX = subjects.INV_ALL[:-1]  # "duanflow.inv."
@@ -37,6 +46,20 @@ class BadGatewayError(DuanFlowError):
 
     code = "bad_gateway"
     http_status = 502
+
+
+class TooManyRequestsError(DuanFlowError):
+    """The endpoint already runs as many requests as its burst limit allows."""
+
+    code = "rate_limited"
+    http_status = 429
+    retryable = True
+
+
+RETRY_AFTER_S = 1
+"""``Retry-After`` of a 429: burst slots free up as fast as requests finish."""
+AUTH_REALM = 'Bearer realm="duanflow"'
+"""``WWW-Authenticate`` of a 401."""
 
 
 @dataclass(frozen=True)
@@ -179,13 +202,15 @@ def invocation_args(
     query: Iterable[tuple[str, str]],
     headers: Iterable[tuple[str, str]],
     body: Any,
+    raw_body: bytes = b"",
 ) -> bytes:
     """The ``json``-codec arguments of one HTTP call.
 
     ``{"args": [...], "kwargs": {...}, "request": {...}}``: a JSON object body becomes keyword arguments, any other
     JSON body the one positional argument; query parameters and then path parameters are keyword arguments too
     (path parameters win). ``request`` describes the HTTP call (method, path, path params, query, headers without
-    credentials) for functions that take the request itself.
+    credentials, and the raw body as ``body`` text or, when it is not UTF-8, ``body_b64``) for functions that take
+    the request itself.
 
     >>> invocation_args("POST", "/x/1", {"id": "1"}, [("q", "a")], [], {"n": 2})
     b'{"args":[],"kwargs":{"q":"a","n":2,"id":"1"},"request":{"method":"POST","path":"/x/1","path_params":{"id":"1"},"query":{"q":"a"},"headers":{}}}'
@@ -207,6 +232,11 @@ def invocation_args(
         "query": query_map,
         "headers": {k.lower(): v for k, v in headers if k.lower() not in HIDDEN_HEADERS},
     }
+    if raw_body:
+        try:
+            request["body"] = raw_body.decode("utf-8")
+        except UnicodeDecodeError:
+            request["body_b64"] = base64.b64encode(raw_body).decode("ascii")
     return msgspec.json.encode({"args": args, "kwargs": kwargs, "request": request})
 
 
@@ -226,6 +256,7 @@ class HttpReply:
     body: bytes
     media_type: str
     status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 def http_reply(result: Result) -> HttpReply:
@@ -240,6 +271,11 @@ def http_reply(result: Result) -> HttpReply:
         raise from_reply(result.error)
     if result.payload_ref:
         raise BadGatewayError(f"call {result.call_id} returned a result stored in S3; large results are not served yet")
+    if result.media_type and result.codec in (CODEC_BYTES, CODEC_JSON):
+        # An endpoint replica said what it sent: no need to look inside.
+        return HttpReply(
+            body=result.value, media_type=result.media_type, status=result.status or 200, headers=safe_headers(result)
+        )
     if result.codec == CODEC_BYTES:
         return HttpReply(body=result.value, media_type=MEDIA_BYTES)
     if result.codec != CODEC_JSON:
@@ -254,6 +290,135 @@ def http_reply(result: Result) -> HttpReply:
     if isinstance(value, str):
         return HttpReply(body=value.encode(), media_type=MEDIA_TEXT)
     return HttpReply(body=result.value, media_type=MEDIA_JSON)
+
+
+# Headers an endpoint may not set: the HTTP server frames the body itself.
+_FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "content-type"})
+
+
+def safe_headers(result: Result) -> dict[str, str]:
+    """The response headers a replica asked for, minus those that would break the framing of the response."""
+    return {k: v for k, v in result.headers.items() if k.lower() not in _FRAMING_HEADERS}
+
+
+def parse_request_body(body: bytes, content_type: str) -> Any:
+    """The JSON value of a body whose content type is JSON or unset (400 when malformed); other bodies: None."""
+    ctype = content_type.lower()
+    if not ctype or "json" in ctype:
+        return parse_body(body)
+    if ctype.startswith(("text/", "application/x-www-form-urlencoded")):
+        try:
+            return parse_body(body)
+        except InvalidInputError:
+            return None
+    return None
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, or None.
+
+    >>> bearer_token("Bearer abc"), bearer_token("basic abc"), bearer_token(None)
+    ('abc', None, None)
+    """
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        return None
+    return token
+
+
+def check_auth(entry: RouteEntry, authorization: str | None) -> None:
+    """Refuse (401) a call to a bearer-auth endpoint without the right token; the comparison takes constant time.
+
+    The entry carries only a salted digest of the expected token. An entry that asks for auth but carries no digest
+    refuses every call: failing closed beats serving a route whose token is unknown.
+    """
+    secret = entry.endpoint.auth_secret
+    if not secret:
+        return
+    token = bearer_token(authorization)
+    if token is None:
+        raise UnauthenticatedError(f"{entry.method} {entry.path} needs 'Authorization: Bearer <{secret}>'")
+    expected = entry.auth_digest
+    try:
+        got = bearer_digest(entry.auth_salt, token) if expected else ""
+    except ValueError:
+        got = ""
+    if not expected or not hmac.compare_digest(got, expected):
+        raise UnauthenticatedError(f"the bearer token for {entry.method} {entry.path} is not valid")
+
+
+@dataclass
+class BurstLimits:
+    """Requests in flight per route key, against each endpoint's ``max_concurrency`` (0: unlimited)."""
+
+    in_flight: dict[str, int] = field(default_factory=dict)
+
+    def acquire(self, key: str, limit: int) -> None:
+        """Take a slot; :class:`TooManyRequestsError` (429) when the endpoint is at its limit."""
+        n = self.in_flight.get(key, 0)
+        if limit > 0 and n >= limit:
+            raise TooManyRequestsError(
+                f"this endpoint serves at most {limit} requests at once; retry in {RETRY_AFTER_S}s",
+                details={"limit": str(limit)},
+            )
+        self.in_flight[key] = n + 1
+
+    def release(self, key: str) -> None:
+        """Give a slot back."""
+        n = self.in_flight.get(key, 0) - 1
+        if n > 0:
+            self.in_flight[key] = n
+        else:
+            self.in_flight.pop(key, None)
+
+
+MEDIA_SSE = "text/event-stream"
+MEDIA_STREAM_TEXT = "text/plain; charset=utf-8"
+MEDIA_NDJSON = "application/x-ndjson"
+
+
+def stream_mode(entry: RouteEntry, first: Result, accept: str) -> str:
+    """``sse`` or ``chunked``: the replica's media type wins, then the endpoint's setting, then the client's Accept."""
+    if first.media_type:
+        return "sse" if first.media_type.lower().startswith(MEDIA_SSE) else "chunked"
+    if entry.endpoint.stream in ("sse", "chunked"):
+        return entry.endpoint.stream
+    return "sse" if MEDIA_SSE in accept.lower() else "chunked"
+
+
+def stream_media_type(mode: str, first: Result) -> str:
+    """Content type of a streamed response."""
+    if first.media_type:
+        return first.media_type
+    if mode == "sse":
+        return MEDIA_SSE
+    return MEDIA_NDJSON if first.codec == CODEC_JSON else MEDIA_STREAM_TEXT
+
+
+def stream_chunk(mode: str, result: Result) -> bytes:
+    r"""The bytes one streamed chunk puts on the wire: an SSE event, or the chunk (JSON chunks one per line).
+
+    >>> stream_chunk("sse", Result(call_id="c", ok=True, codec="bytes", value=b"a\nb"))
+    b'data: a\ndata: b\n\n'
+    """
+    if not result.value and result.final:
+        return b""
+    if mode == "sse":
+        lines = result.value.replace(b"\r\n", b"\n").split(b"\n")
+        return b"".join(b"data: " + line + b"\n" for line in lines) + b"\n"
+    if result.codec == CODEC_JSON:
+        return result.value + b"\n"
+    return result.value
+
+
+def stream_error(mode: str, code: str, message: str) -> bytes:
+    """How a failure after the response started is told: an SSE ``error`` event (chunked streams just stop)."""
+    if mode != "sse":
+        return b""
+    return b"event: error\ndata: " + error_body(code, message) + b"\n\n"
 
 
 def error_body(code: str, message: str) -> bytes:

@@ -20,6 +20,12 @@ class Invoker(Protocol):
         :class:`~duanflow_proto.errors.UnavailableError` when the invocations stream cannot take it.
         """
 
+    async def next(self, call_id: str) -> Result:
+        """The next message of a call whose first answer opened a stream (``stream`` and not ``final``)."""
+
+    def close(self, call_id: str) -> None:
+        """Forget an open call (a finished stream, or a client that went away)."""
+
 
 class Routes(Protocol):
     """The live route table."""

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -16,19 +17,23 @@ from typing import Any, TypeVar
 import msgspec
 import nats
 from duanflow_proto import subjects
-from duanflow_proto.messages import HealthReply, HealthRequest
+from duanflow_proto.messages import ErrorReply, HealthReply, HealthRequest
 from faststream import FastStream
 from faststream.nats import NatsBroker, NatsMessage
 from faststream.security import SASLPlaintext
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
+from duanflow_kit import telemetry
 from duanflow_kit.handlers import handle
-from duanflow_kit.settings import BaseSettings
+from duanflow_kit.settings import BaseSettings, otlp_endpoint
 
 Req = TypeVar("Req")
 
 log = logging.getLogger("duanflow.service")
+
+ERROR_TAG = str(ErrorReply.__struct_config__.tag).encode()
+"""Marks an encoded error reply (counted as outcome ``error``)."""
 
 
 def connect_options(settings: BaseSettings, name: str) -> dict[str, Any]:
@@ -93,7 +98,11 @@ class Service:
 
         def deco(fn: Callable[[Req], Awaitable[msgspec.Struct]]) -> Callable[[Req], Awaitable[msgspec.Struct]]:
             async def raw(msg: NatsMessage) -> bytes:
-                return await handle(msg.body, req_type, fn, subject=subject)
+                started = time.perf_counter()
+                with telemetry.handler_span(msg.headers, subject):
+                    data = await handle(msg.body, req_type, fn, subject=subject)
+                telemetry.metrics().observe(self.name, subject, time.perf_counter() - started, ERROR_TAG not in data)
+                return data
 
             raw.__name__ = fn.__name__
             raw.__doc__ = fn.__doc__
@@ -119,6 +128,8 @@ class Service:
     ) -> AsyncIterator[None]:
         self._nc = await connect(self.settings, self.instance)
         self._js = self._nc.jetstream()
+        port = self.settings.metrics_port
+        scrape = await telemetry.serve_prometheus(port) if port else None
         try:
             if inner is None:
                 yield
@@ -126,6 +137,8 @@ class Service:
                 async with inner(self):
                     yield
         finally:
+            if scrape is not None:
+                scrape.close()
             await self._nc.drain()
 
     async def run(self, lifespan: Callable[[Service], AbstractAsyncContextManager[None]] | None = None) -> None:
@@ -134,6 +147,7 @@ class Service:
             level=self.settings.log_level.upper(),
             format=f"%(asctime)s %(levelname)s {self.name} %(name)s: %(message)s",
         )
+        telemetry.setup(f"duanflow-{self.name}", otlp_endpoint())
         app = FastStream(self.broker, lifespan=lambda: self._lifespan(lifespan))
         log.info("%s starting (instance %s, nats %s)", self.name, self.instance, self.settings.nats_url)
         await app.run()

@@ -30,6 +30,8 @@ class BaseSettings(msgspec.Struct, kw_only=True, frozen=True):
     """Instance id (default: generated)."""
     log_level: str = "info"
     """Python log level."""
+    metrics_port: int = 0
+    """Serve this process's metrics in Prometheus' text format on this HTTP port (0: not served)."""
 
 
 def env_names(cls: type[BaseSettings], prefix: str) -> dict[str, str]:
@@ -80,3 +82,16 @@ def load_settings(cls: type[S], prefix: str, environ: Mapping[str, str] | None =
 def _is_collection(tp: Any) -> bool:
     origin = getattr(tp, "__origin__", tp)
     return origin in (list, dict, tuple, set)
+
+
+OTLP_ENDPOINT_VAR = "OTEL_EXPORTER_OTLP_ENDPOINT"
+
+
+def otlp_endpoint(environ: Mapping[str, str] | None = None) -> str:
+    """The standard OpenTelemetry exporter endpoint (empty: exporting off, the default).
+
+    >>> otlp_endpoint({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"})
+    'http://collector:4318'
+    """
+    env = os.environ if environ is None else environ
+    return env.get(OTLP_ENDPOINT_VAR, "")

@@ -15,6 +15,7 @@ from duanflow_kit.streams import ensure_streams
 from duanflow_logs import domain, handlers
 from duanflow_logs.adapters.nats import logs_subscription
 from duanflow_logs.adapters.postgres import PostgresLogStore, open_pool
+from duanflow_logs.adapters.s3 import S3Archive
 from duanflow_logs.settings import Settings
 
 log = logging.getLogger("duanflow.logs")
@@ -30,7 +31,21 @@ class LogsApp:
         self.service = Service("logs", settings)
         self._store: PostgresLogStore | None = None
         self.ingestor: handlers.Ingestor | None = None
-        handlers.register(self.service, self.store, settings.max_query_lines, domain.DEFAULT_MAX_REPLY_BYTES)
+        self.archiver: handlers.Archiver | None = None
+        self.bucket = S3Archive(
+            settings.s3_endpoint,
+            settings.s3_access_key,
+            settings.s3_secret_key,
+            settings.s3_bucket,
+            secure=settings.s3_secure,
+        )
+        handlers.register(
+            self.service,
+            self.store,
+            settings.max_query_lines,
+            domain.DEFAULT_MAX_REPLY_BYTES,
+            lambda: self.bucket,
+        )
         self.service.health_checks.append(self._health)
 
     def store(self) -> PostgresLogStore:
@@ -48,6 +63,7 @@ class LogsApp:
             "stored": str(self.ingestor.stored),
             "malformed": str(self.ingestor.malformed),
             "failed_batches": str(self.ingestor.failed_batches),
+            "archived": str(self.archiver.archived if self.archiver else 0),
         }
 
     @contextlib.asynccontextmanager
@@ -60,11 +76,17 @@ class LogsApp:
             store = PostgresLogStore(pool)
             sub = await logs_subscription(service.js, s.consumer, s.filter_subject, s.batch_size)
             ingestor = handlers.Ingestor(store, s.batch_size)
+            archiver = handlers.Archiver(store, self.bucket, s.archive_after_s, s.archive_interval_s)
+            try:
+                await self.bucket.ensure_bucket()
+            except Exception as exc:  # S3 down: ingest and answer anyway; archive rounds retry
+                log.warning("archive bucket %s unavailable: %s: %s", s.s3_bucket, type(exc).__name__, exc)
             stop = asyncio.Event()
             try:
                 async with asyncio.TaskGroup() as tg:
                     ingesting = tg.create_task(ingestor.run(sub, stop), name="logs-ingest")
-                    self._store, self.ingestor = store, ingestor
+                    archiving = tg.create_task(archiver.run(stop), name="logs-archive")
+                    self._store, self.ingestor, self.archiver = store, ingestor, archiver
                     log.info("log service ready (schema %s, consumer %s on %s)", s.schema, s.consumer, s.filter_subject)
                     try:
                         yield
@@ -72,9 +94,9 @@ class LogsApp:
                         self._store = None
                         stop.set()
                         # The loop ends within one fetch; a batch being stored finishes (its acks follow the insert).
-                        done, _ = await asyncio.wait({ingesting}, timeout=DRAIN_TIMEOUT_S)
-                        if not done:
-                            ingesting.cancel()
+                        _, late = await asyncio.wait({ingesting, archiving}, timeout=DRAIN_TIMEOUT_S)
+                        for task in late:
+                            task.cancel()
             finally:
                 # Also when cancelled: a pull subscription left open would hold the connection's drain for 30 s.
                 with contextlib.suppress(Exception):

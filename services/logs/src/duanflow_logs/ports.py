@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from duanflow_proto.messages.logs import LogLine
 
-from duanflow_logs.domain import QueryPlan, Row
+from duanflow_logs.domain import ArchiveRef, QueryPlan, Row
 
 
 class LogStore(Protocol):
@@ -20,3 +21,24 @@ class LogStore(Protocol):
 
     async def query(self, plan: QueryPlan) -> list[LogLine]:
         """Run one planned query."""
+
+    async def archive_candidates(self, cutoff_ms: int, max_hours: int) -> list[tuple[str, str, int]]:
+        """(env, app, hour) holding lines older than ``cutoff_ms`` (whole hours), oldest first."""
+
+    async def move_hour(
+        self, env: str, app: str, hour_ms: int, upload: Callable[[list[LogLine]], Awaitable[str]]
+    ) -> int:
+        """Move one app's lines of one hour out through ``upload`` (returns the key indexed); how many moved."""
+
+    async def archives(self, env: str, app: str, since_ms: int, until_ms: int) -> list[ArchiveRef]:
+        """Archives of one app whose hour overlaps the range."""
+
+
+class ArchiveStore(Protocol):
+    """Archive objects (S3)."""
+
+    async def put(self, key: str, data: bytes) -> None:
+        """Store one object."""
+
+    async def get(self, key: str) -> bytes:
+        """Read one object."""

@@ -35,6 +35,10 @@ class Settings(BaseSettings, frozen=True, kw_only=True):
     """Most lines taken from the stream and inserted at once."""
     max_query_lines: int = 10_000
     """Most lines one query may ask for."""
+    archive_after_s: float = 23 * 3600.0
+    """Lines older than this (whole hours) move from Postgres to S3 (the stream keeps a day)."""
+    archive_interval_s: float = 300.0
+    """How often the archiver looks for hours to move."""
 
 
 def load() -> Settings:

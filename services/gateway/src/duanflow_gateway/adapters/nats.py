@@ -5,18 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Final
 
+from duanflow_kit import telemetry
 from duanflow_proto import codec, subjects
 from duanflow_proto.errors import DeadlineExceededError, DuanFlowError, UnavailableError
-from duanflow_proto.messages.invocation import HDR_CALL_ID, HDR_DEADLINE, HDR_REPLY, Invocation, Result
+from duanflow_proto.messages.invocation import HDR_CALL_ID, HDR_DEADLINE, HDR_REPLY, HEARTBEAT_S, Invocation, Result
 from duanflow_proto.messages.logs import LogLine
 from duanflow_proto.messages.release import RouteEntry
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-from nats.js.errors import NoStreamResponseError
 
 from duanflow_gateway.domain import BadGatewayError, RouteTable
 
@@ -27,14 +28,20 @@ WATCH_RETRY_S = 1.0
 
 
 class NatsInvoker:
-    """:class:`duanflow_gateway.ports.Invoker`: JetStream publish, results demultiplexed from one inbox by call id."""
+    """:class:`duanflow_gateway.ports.Invoker`: JetStream publish, results demultiplexed from one inbox by call id.
+
+    The invocation is published with its PubAck addressed to ``<inbox>.<call>.ack``, so the call waits for the ack and
+    the result in one place (a failed ack fails the call: 503) instead of a request round trip before the wait.
+    A call's messages (heartbeats, stream chunks, the result) queue up per call id. Once a replica has been heard
+    from, silence longer than :data:`LIVENESS_S` means it died mid-request (502), not that it is slow.
+    """
 
     def __init__(self, nc: NatsClient, js: JetStreamContext) -> None:
         self.nc = nc
         self.js = js
         self._prefix = ""
         self._sub: Any = None
-        self._pending: dict[str, asyncio.Future[bytes]] = {}
+        self._pending: dict[str, _Call] = {}
 
     @property
     def in_flight(self) -> int:
@@ -42,61 +49,234 @@ class NatsInvoker:
         return len(self._pending)
 
     async def start(self) -> None:
-        """Subscribe to this gateway's inbox (``_INBOX.<nuid>.*``)."""
+        """Subscribe to this gateway's inbox (``_INBOX.<nuid>.>``: results and PubAcks)."""
         self._prefix = self.nc.new_inbox()
-        self._sub = await self.nc.subscribe(f"{self._prefix}.*", cb=self._on_result)
+        self._sub = await subscribe_direct(self.nc, f"{self._prefix}.>", self._on_result)
 
     async def stop(self) -> None:
         """Unsubscribe; calls still waiting fail as unavailable."""
         if self._sub is not None:
             await self._sub.unsubscribe()
             self._sub = None
-        for fut in self._pending.values():
-            if not fut.done():
-                fut.set_exception(UnavailableError("the gateway is shutting down"))
+        for call in self._pending.values():
+            call.push(_STOPPED)
 
-    async def _on_result(self, msg: Msg) -> None:
-        fut = self._pending.get(msg.subject.rsplit(".", 1)[-1])
-        if fut is not None and not fut.done():
-            fut.set_result(msg.data)
+    def _on_result(self, msg: Msg) -> None:
+        rest = msg.subject[len(self._prefix) + 1 :]
+        if rest.endswith(_ACK_SUFFIX):
+            call = self._pending.get(rest[: -len(_ACK_SUFFIX)])
+            if call is not None:
+                call.on_ack(msg)
+            return
+        call = self._pending.get(rest)
+        if call is not None:
+            call.push(msg.data)
 
     async def invoke(self, subject: str, invocation: Invocation, timeout_s: float) -> Result:
-        """Publish ``invocation`` and wait up to ``timeout_s`` for its result."""
+        """Publish ``invocation`` and wait up to ``timeout_s`` for its first answer.
+
+        When that answer opens a stream (``stream`` and not ``final``), the call stays open: read the rest with
+        :meth:`next` and end with :meth:`close`. Otherwise the call is closed already.
+        """
         if self._sub is None:
             raise UnavailableError("the gateway is not connected to NATS yet")
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        fut: asyncio.Future[bytes] = loop.create_future()
-        self._pending[invocation.call_id] = fut
+        call_id = invocation.call_id
+        call = _Call(invocation, loop.time() + timeout_s, timeout_s, subject)
+        self._pending[call_id] = call
         headers = {
-            HDR_REPLY: f"{self._prefix}.{invocation.call_id}",
-            HDR_CALL_ID: invocation.call_id,
+            HDR_REPLY: f"{self._prefix}.{call_id}",
+            HDR_CALL_ID: call_id,
             HDR_DEADLINE: str(invocation.deadline_ms),
         }
+        span = telemetry.start_client_span(f"invoke {invocation.function}", headers)
+        keep = False
         try:
-            try:
-                await self.js.publish(
-                    subject, codec.encode(invocation), headers=headers, timeout=min(PUBLISH_TIMEOUT_S, timeout_s)
-                )
-            except NoStreamResponseError:
-                raise UnavailableError(
-                    f"the invocations stream does not take {subject}", details={"subject": subject}
-                ) from None
-            except (NatsTimeoutError, TimeoutError):
-                raise UnavailableError("the invocations stream did not acknowledge the call in time") from None
-            try:
-                data = await asyncio.wait_for(fut, max(0.0, deadline - loop.time()))
-            except TimeoutError:
-                raise DeadlineExceededError(
-                    f"{invocation.function} did not answer within {timeout_s:g}s",
-                    details={"function": invocation.function, "call_id": invocation.call_id},
-                ) from None
+            await self.nc.publish(
+                subject, codec.encode(invocation), reply=subjects.pub_ack(headers[HDR_REPLY]), headers=headers
+            )
+            result = await self.next(call_id)
+            keep = result.stream and not result.final
+            return result
         finally:
-            self._pending.pop(invocation.call_id, None)
+            telemetry.end_span(span)
+            if not keep:
+                self._pending.pop(call_id, None)
+
+    async def next(self, call_id: str) -> Result:
+        """The call's next message that is not a heartbeat (deadline: 504; no ack: 503; replica silent: 502)."""
+        call = self._pending.get(call_id)
+        if call is None:
+            raise BadGatewayError(f"call {call_id} is not open")
+        loop = asyncio.get_running_loop()
+        while True:
+            data = call.pop()
+            if data is None:
+                now = loop.time()
+                if call.acked:
+                    wait_until = min(call.deadline, now + LIVENESS_S) if call.heard else call.deadline
+                else:
+                    wait_until = min(call.deadline, call.ack_by)
+                data = await call.wait(loop, wait_until)
+                if data is None:
+                    continue
+            if data is _TIMEOUT:
+                now = loop.time()
+                if now >= call.deadline:
+                    raise DeadlineExceededError(
+                        f"{call.invocation.function} did not answer within {call.timeout_s:g}s",
+                        details={"function": call.invocation.function, "call_id": call_id},
+                    )
+                if not call.acked:
+                    raise UnavailableError("the invocations stream did not acknowledge the call in time")
+                if not call.heard or now < call.last_heard + LIVENESS_S:
+                    continue
+                raise BadGatewayError(
+                    f"the replica running {call.invocation.function} stopped answering mid-request "
+                    f"(silent for {LIVENESS_S:g}s): it probably crashed",
+                    details={"function": call.invocation.function, "call_id": call_id},
+                )
+            if data is _STOPPED:
+                raise UnavailableError("the gateway is shutting down")
+            if isinstance(data, DuanFlowError):
+                raise data
+            try:
+                result = codec.decode(data, Result)
+            except DuanFlowError as exc:
+                raise BadGatewayError(f"the replica answered {call_id} with garbage: {exc.message}") from None
+            call.heard = True
+            call.last_heard = loop.time()
+            if result.heartbeat:
+                continue
+            return result
+
+    def close(self, call_id: str) -> None:
+        """Forget a call (its remaining messages are dropped)."""
+        self._pending.pop(call_id, None)
+
+
+_STOPPED: Final = object()
+_TIMEOUT: Final = object()
+_ACK_SUFFIX: Final = subjects.PUB_ACK_SUFFIX
+LIVENESS_S: Final = 6 * HEARTBEAT_S
+"""Silence after which a replica that was running a call is taken for dead."""
+
+
+class _Call:
+    """One call's inbox: messages in arrival order, one waiter at a time, no task per wait."""
+
+    __slots__ = (
+        "ack_by",
+        "acked",
+        "deadline",
+        "heard",
+        "invocation",
+        "last_heard",
+        "queue",
+        "subject",
+        "timeout_s",
+        "waiter",
+    )
+
+    def __init__(self, invocation: Invocation, deadline: float, timeout_s: float, subject: str) -> None:
+        self.invocation = invocation
+        self.deadline = deadline
+        self.timeout_s = timeout_s
+        self.subject = subject
+        self.ack_by = deadline - timeout_s + min(PUBLISH_TIMEOUT_S, timeout_s)
+        self.acked = False
+        self.heard = False
+        self.last_heard = 0.0
+        self.queue: deque[Any] = deque()
+        self.waiter: asyncio.Future[None] | None = None
+
+    def push(self, item: Any) -> None:
+        self.queue.append(item)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def pop(self) -> Any:
+        return self.queue.popleft() if self.queue else None
+
+    def on_ack(self, msg: Msg) -> None:
+        """The stream's PubAck (or the server's 503 when no stream takes the subject)."""
+        headers = msg.headers or {}
+        if headers.get("Status") == "503" or (not msg.data and headers.get("Status")):
+            self.push(UnavailableError(f"the invocations stream does not take {self.subject}"))
+            return
+        if msg.data.startswith(b'{"error"') or b'"error":' in msg.data[:64]:
+            self.push(UnavailableError(f"the invocations stream refused the call: {msg.data[:200]!r}"))
+            return
+        self.acked = True  # no wake-up: the waiter's timer (ack_by) sees it, and waking costs a loop turn per call
+
+    async def wait(self, loop: asyncio.AbstractEventLoop, until: float) -> Any:
+        waiter = self.waiter = loop.create_future()
+        timer = loop.call_at(until, _expire, waiter)
         try:
-            return codec.decode(data, Result)
-        except DuanFlowError as exc:
-            raise BadGatewayError(f"the replica answered {invocation.call_id} with garbage: {exc.message}") from None
+            await waiter
+        finally:
+            timer.cancel()
+            self.waiter = None
+        item = self.pop()
+        return _TIMEOUT if item is None and loop.time() >= until else item
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+class _DirectQueue:
+    """Stands in for a subscription's pending queue: ``put_nowait`` runs the handler at once, in the read loop.
+
+    nats-py hands each message of a callback subscription to a per-subscription task through an ``asyncio.Queue``
+    (a put, a task wake-up and a coroutine call per message); on the result path that hop costs as much as the rest
+    of the handling. The handler must not block; an exception is logged and the message dropped. (The SDK's
+    ``duanflow._inbox`` does the same for callers; services do not import the SDK.)
+    """
+
+    __slots__ = ("_handler", "_sub")
+
+    def __init__(self, sub: Any, handler: Callable[[Msg], None]) -> None:
+        self._sub = sub
+        self._handler = handler
+
+    def put_nowait(self, msg: Msg) -> None:
+        self._sub._pending_size -= len(msg.data)
+        try:
+            self._handler(msg)
+        except Exception:
+            log.exception("handler of %s failed; message dropped", msg.subject)
+
+    def empty(self) -> bool:
+        return True
+
+    def qsize(self) -> int:
+        return 0
+
+    def task_done(self) -> None:
+        return None
+
+    async def join(self) -> None:
+        return None
+
+
+async def subscribe_direct(nc: NatsClient, subject: str, handler: Callable[[Msg], None]) -> Any:
+    """Subscribe ``handler`` (a plain function) to ``subject``, falling back to a callback subscription when
+    nats-py's internals are not what :class:`_DirectQueue` expects."""
+    sub: Any = await nc.subscribe(subject, pending_bytes_limit=0)
+    if hasattr(sub, "_pending_queue") and hasattr(sub, "_pending_size") and getattr(sub, "_cb", None) is None:
+        sub._pending_queue = _DirectQueue(sub, handler)
+        return sub
+    await sub.unsubscribe()
+
+    async def cb(msg: Msg) -> None:
+        try:
+            handler(msg)
+        except Exception:
+            log.exception("handler of %s failed; message dropped", msg.subject)
+
+    return await nc.subscribe(subject, cb=cb)
 
 
 class NatsRequestLog:

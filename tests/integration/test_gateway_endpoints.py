@@ -1,0 +1,306 @@
+"""``@app.endpoint`` end to end: HTTP → gateway process → real replicas (``python -m duanflow._runtime``) → HTTP,
+on a real NATS server. Auth, limits, streaming and every error status a client can meet."""
+
+from __future__ import annotations
+
+import asyncio
+import textwrap
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import msgspec
+import nats
+import pytest
+from duanflow._local import servers
+from duanflow_proto import codec, subjects
+from duanflow_proto.messages.logs import LogLine
+from fixtures.gateway_stack import Stack, deploy, gateway_stack, load_module
+from fixtures.waiting import eventually_sync
+
+pytestmark = pytest.mark.timeout(120)
+
+TOKEN = "sk-test-" + uuid.uuid4().hex
+
+APP_SOURCE = """
+import os
+import threading
+from pathlib import Path
+
+import duanflow as df
+
+app = df.App("{app}", env={{"API_TOKEN": "{token}"}})
+
+
+@app.endpoint(method="GET", path="/{app}/items/{{item_id}}")
+def get_item(request: df.Request):
+    return {{"id": request.path_params["item_id"], "q": request.query.get("q"), "method": request.method,
+            "path": request.path, "auth_seen": "authorization" in request.headers}}
+
+
+@app.endpoint(method="PUT", path="/{app}/items/{{item_id}}")
+def put_item(request):
+    return ["put", request.path_params["item_id"], request.json()]
+
+
+@app.endpoint(method="DELETE", path="/{app}/items/{{item_id}}")
+def delete_item(request):
+    return df.Response(status=204, headers={{"X-Deleted": request.path_params["item_id"]}}, body=b"")
+
+
+@app.endpoint(method="PATCH", path="/{app}/kwargs/{{item_id}}")
+def patch_kwargs(item_id, name=None, q=None):
+    return {{"item_id": item_id, "name": name, "q": q}}
+
+
+@app.endpoint(method="GET", path="/{app}/mixed/{{item_id}}")
+def mixed(request: df.Request, item_id: str, q: str = "none"):
+    return {{"item_id": item_id, "q": q, "path": request.path}}
+
+
+@app.endpoint(method="POST", path="/{app}/text")
+def text(request):
+    return "hello " + request.text()
+
+
+@app.endpoint(method="POST", path="/{app}/bytes")
+def raw(request):
+    return bytes(reversed(request.body))
+
+
+@app.endpoint(method="POST", path="/{app}/created")
+def created(request):
+    return df.Response(201, {{"Location": "/x/7"}}, {{"id": 7, "got": request.json()}})
+
+
+@app.endpoint(method="GET", path="/{app}/count")
+def count(request):
+    n = int(request.query.get("n", "3"))
+    return ({{"i": i}} for i in range(n))
+
+
+@app.endpoint(method="GET", path="/{app}/events", stream="sse")
+async def events(request):
+    for word in ["a", "b c", "d"]:
+        yield word
+
+
+@app.endpoint(method="POST", path="/{app}/private", auth=df.Auth.bearer("API_TOKEN"))
+def private(request):
+    return {{"ok": True, "headers": sorted(request.headers)}}
+
+
+@app.endpoint(method="GET", path="/{app}/gate", burst=1, timeout=20)
+def gate(request):
+    path = Path(request.query["file"])
+    while not path.exists():
+        threading.Event().wait(0.01)  # the app under test polls; the test itself never sleeps
+    return "opened"
+
+
+@app.endpoint(method="GET", path="/{app}/slow", timeout=1)
+def slow(request):
+    threading.Event().wait(5)
+    return "late"
+
+
+@app.endpoint(method="GET", path="/{app}/crash")
+def crash(request):
+    threading.Event().wait(float(request.query.get("after", "1")))
+    os._exit(3)
+
+
+@app.endpoint(method="GET", path="/{app}/boom")
+def boom(request):
+    raise ValueError("boom")
+
+
+@app.endpoint(method="POST", path="/{app}/strict")
+def strict(request):
+    return request.json()
+"""
+
+
+@pytest.fixture(scope="module")
+def stack(
+    nats_server: tuple[servers.Proc, servers.NatsCredentials], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    root = tmp_path_factory.mktemp("gw")
+    app_name = "gw" + uuid.uuid4().hex[:8]
+    module_name = f"gw_app_{app_name}"
+    app_dir = root / "app"
+    app_dir.mkdir()
+    path = app_dir / f"{module_name}.py"
+    path.write_text(textwrap.dedent(APP_SOURCE.format(app=app_name, token=TOKEN)))
+    module = load_module(path, module_name)
+    with gateway_stack(nats_server, root, max_body_bytes="65536") as s:
+        s.app = app_name  # type: ignore[attr-defined]
+        deploy(s, module, app_dir)
+        yield s
+
+
+@pytest.fixture
+def http(stack: Stack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=stack.gateway_url, timeout=30) as client:
+        yield client
+
+
+def app_of(stack: Stack) -> str:
+    return str(stack.app)  # type: ignore[attr-defined]
+
+
+def error_code(resp: httpx.Response) -> str:
+    body = resp.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+    return str(body["error"]["code"])
+
+
+def test_health_ready_and_openapi(http: httpx.Client, stack: Stack) -> None:
+    assert http.get("/healthz").json() == {"status": "ok"}
+    assert http.get("/readyz").status_code == 200
+    doc = http.get("/openapi.json").json()
+    a = app_of(stack)
+    assert doc["openapi"].startswith("3.")
+    op = doc["paths"][f"/{a}/items/{{item_id}}"]["get"]
+    assert op["parameters"][0]["name"] == "item_id"
+    assert doc["paths"][f"/{a}/private"]["post"]["security"] == [{"bearer": []}]
+
+
+def test_path_params_query_and_methods(http: httpx.Client, stack: Stack) -> None:
+    a = app_of(stack)
+    resp = http.get(f"/{a}/items/42", params={"q": "x y"}, headers={"Authorization": "Bearer nope"})
+    assert resp.status_code == 200 and resp.headers["content-type"] == "application/json"
+    assert resp.json() == {"id": "42", "q": "x y", "method": "GET", "path": f"/{a}/items/42", "auth_seen": False}
+    assert http.put(f"/{a}/items/7", json={"n": 1}).json() == ["put", "7", {"n": 1}]
+    resp = http.delete(f"/{a}/items/9")
+    assert resp.status_code == 204 and resp.headers["x-deleted"] == "9" and resp.content == b""
+    resp = http.patch(f"/{a}/kwargs/5", params={"q": "qq"}, json={"name": "n"})
+    assert resp.json() == {"item_id": "5", "name": "n", "q": "qq"}
+    assert http.get(f"/{a}/mixed/3", params={"q": "z"}).json() == {"item_id": "3", "q": "z", "path": f"/{a}/mixed/3"}
+    resp = http.patch(f"/{a}/kwargs/5", json={"unexpected": 1})
+    assert resp.status_code == 400 and error_code(resp) == "invalid_input"
+
+
+def test_return_types(http: httpx.Client, stack: Stack) -> None:
+    a = app_of(stack)
+    resp = http.post(f"/{a}/text", content=b"world", headers={"content-type": "text/plain"})
+    assert resp.text == "hello world" and resp.headers["content-type"].startswith("text/plain")
+    resp = http.post(f"/{a}/bytes", content=b"\x00\x01\xff", headers={"content-type": "application/octet-stream"})
+    assert resp.content == b"\xff\x01\x00" and resp.headers["content-type"] == "application/octet-stream"
+    resp = http.post(f"/{a}/created", json={"a": 1})
+    assert resp.status_code == 201 and resp.headers["location"] == "/x/7" and resp.json() == {"id": 7, "got": {"a": 1}}
+
+
+def test_generator_streams_chunks_and_sse(http: httpx.Client, stack: Stack) -> None:
+    a = app_of(stack)
+    with http.stream("GET", f"/{a}/count", params={"n": "4"}) as resp:
+        assert resp.status_code == 200 and resp.headers.get("transfer-encoding") == "chunked"
+        lines = [msgspec.json.decode(line) for line in resp.iter_lines() if line]
+    assert lines == [{"i": i} for i in range(4)]
+    with http.stream("GET", f"/{a}/count", params={"n": "2"}, headers={"accept": "text/event-stream"}) as resp:
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        assert resp.read() == b'data: {"i":0}\n\ndata: {"i":1}\n\n'
+    resp = http.get(f"/{a}/events")
+    assert resp.headers["content-type"].startswith("text/event-stream")
+    assert resp.content == b"data: a\n\ndata: b c\n\ndata: d\n\n"
+
+
+def test_bearer_auth(http: httpx.Client, stack: Stack) -> None:
+    a = app_of(stack)
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}):
+        resp = http.post(f"/{a}/private", json={}, headers=headers)
+        assert resp.status_code == 401 and error_code(resp) == "unauthenticated"
+        assert resp.headers["www-authenticate"].startswith("Bearer")
+    resp = http.post(f"/{a}/private", json={}, headers={"Authorization": f"Bearer {TOKEN}", "Cookie": "s=1"})
+    assert resp.status_code == 200, resp.text
+    assert "authorization" not in resp.json()["headers"] and "cookie" not in resp.json()["headers"]
+
+
+def test_errors_are_json_and_the_gateway_keeps_serving(http: httpx.Client, stack: Stack) -> None:
+    a = app_of(stack)
+    resp = http.get(f"/{a}/nowhere")
+    assert resp.status_code == 404 and error_code(resp) == "not_found"
+    resp = http.post(f"/{a}/strict", content=b"{nope", headers={"content-type": "application/json"})
+    assert resp.status_code == 400 and error_code(resp) == "invalid_input"
+    resp = http.post(f"/{a}/strict", content=b"x" * 70_000, headers={"content-type": "application/json"})
+    assert resp.status_code == 413 and error_code(resp) == "payload_too_large"
+    resp = http.get(f"/{a}/slow")
+    assert resp.status_code == 504 and error_code(resp) in ("timeout", "function_timeout")
+    resp = http.get(f"/{a}/boom")
+    assert resp.status_code == 500 and "boom" in resp.json()["error"]["message"]
+    assert http.post(f"/{a}/strict", json={"still": "serving"}).json() == {"still": "serving"}
+
+
+def test_burst_limit_gives_429_with_retry_after(http: httpx.Client, stack: Stack, tmp_path: Path) -> None:
+    a = app_of(stack)
+    gate = tmp_path / "open"
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=30) as client:
+            first = asyncio.ensure_future(client.get(f"/{a}/gate", params={"file": str(gate)}))
+
+            async def limited() -> httpx.Response:
+                while True:
+                    resp = await client.get(f"/{a}/gate", params={"file": str(gate)})
+                    if resp.status_code == 429:
+                        return resp
+                    assert not first.done(), "the gate opened by itself"
+
+            second = await asyncio.wait_for(limited(), 20)
+            assert error_code(second) == "rate_limited" and second.headers["retry-after"] == "1"
+            gate.write_text("go")
+            assert (await first).text == "opened"
+
+    asyncio.run(scenario())
+
+
+def test_replica_crash_mid_request_is_502(http: httpx.Client, stack: Stack) -> None:
+    a = app_of(stack)
+    resp = http.get(f"/{a}/crash", params={"after": "1"})
+    assert resp.status_code == 502 and error_code(resp) == "bad_gateway", resp.text
+    assert http.get(f"/{a}/items/1").status_code == 200
+
+
+def test_request_logs_carry_no_bodies_or_tokens(http: httpx.Client, stack: Stack) -> None:
+    a = app_of(stack)
+    lines: list[LogLine] = []
+
+    async def capture() -> None:
+        nc = await nats.connect(stack.nats_url, user="service", password=stack.creds.service)
+        try:
+            sub = await nc.subscribe(subjects.logs(stack.env, a, "request", "gateway"))
+            await nc.flush()
+            async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=30) as client:
+                resp = await client.post(
+                    f"/{a}/private?secret=querytoken",
+                    json={"body": "BODYSECRET"},
+                    headers={"Authorization": f"Bearer {TOKEN}"},
+                )
+                assert resp.status_code == 200
+            msg = await sub.next_msg(timeout=10)
+            lines.append(codec.decode(msg.data, LogLine))
+        finally:
+            await nc.close()
+
+    asyncio.run(capture())
+    text = msgspec.json.encode(lines[0]).decode()
+    assert lines[0].kind == "request" and lines[0].message.startswith(f"POST /{a}/private 200")
+    assert lines[0].invocation.startswith("fc-")
+    for secret in (TOKEN, "BODYSECRET", "querytoken"):
+        assert secret not in text
+
+
+def test_route_changes_without_restart(http: httpx.Client, stack: Stack) -> None:
+    a = app_of(stack)
+
+    async def drop() -> None:
+        nc = await nats.connect(stack.nats_url, user="service", password=stack.creds.service)
+        try:
+            kv = await nc.jetstream().key_value(subjects.KV_ROUTES)
+            await kv.delete(f"{stack.env}.{a}.boom")
+        finally:
+            await nc.close()
+
+    asyncio.run(drop())
+    eventually_sync(lambda: http.get(f"/{a}/boom").status_code == 404)
