@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import nats
+from duanflow_proto.messages.invocation import HDR_REPLY
 
 BENCH_APP = "bench-latency"
 BENCH_FUNCTION = "echo"
@@ -73,9 +74,14 @@ def p99(samples: list[float]) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(0.99 * len(ordered)) - 1))]
 
 
+MEDIANS: dict[str, float] = {}
+"""Sequential medians by bench name, for the ratios printed at the end."""
+
+
 def report_sequential(bench: str, samples_s: list[float]) -> None:
     """Median and p99 of sequential call latencies, in microseconds."""
     us = [s * 1e6 for s in samples_s]
+    MEDIANS[bench] = statistics.median(us)
     emit(bench, "sequential_median", round(statistics.median(us), 1), "us")
     emit(bench, "sequential_p99", round(p99(us), 1), "us")
 
@@ -241,18 +247,95 @@ async def bench_nats_floor(login: tuple[str, str, str], n: int, warmup: int, tot
             proc.wait()
 
 
+async def js_responder() -> None:
+    """A minimal JetStream worker (a separate process): pull one message, reply to its ``Df-Reply``, ack with +NXT."""
+    from duanflow_proto import subjects
+
+    url, user, password, stream, consumer = json.loads(os.environ[ENV_RESPONDER])
+    nc = await nats.connect(url, user=user, password=password, name="bench-js-responder")
+    inbox = nc.new_inbox()
+    nxt = subjects.consumer_next(stream, consumer)
+    req = json.dumps({"batch": 1, "expires": 5_000_000_000}).encode()
+
+    async def on_msg(msg: Any) -> None:
+        if not msg.data:  # 408: the request expired with nothing for it
+            await nc.publish(nxt, req, reply=inbox)
+            return
+        await nc.publish(msg.headers[HDR_REPLY], msg.data)
+        await nc.publish(msg.reply, b"+NXT " + req, reply=inbox)
+
+    await nc.subscribe(inbox, cb=on_msg)
+    await nc.publish(nxt, req, reply=inbox)
+    await nc.flush()
+    print("ready", flush=True)
+    await asyncio.to_thread(sys.stdin.read)
+    await nc.close()
+
+
+async def bench_jetstream_floor(d: Any, n: int, warmup: int) -> None:
+    """Publish to JetStream → a minimal worker in another process → reply on an inbox: what JetStream itself costs."""
+    from duanflow_proto import subjects
+    from nats.js.api import AckPolicy, ConsumerConfig
+
+    url, user, password = d.login
+    nc = await nats.connect(url, user=user, password=password, name="bench-js-requester")
+    subject = subjects.invocation(d.env, d.app_name, "floor")
+    consumer = f"bench_floor_{os.getpid()}"
+    await nc.jetstream().add_consumer(
+        subjects.STREAM_INVOCATIONS,
+        ConsumerConfig(durable_name=consumer, ack_policy=AckPolicy.EXPLICIT, filter_subject=subject, ack_wait=30),
+    )
+    login = [url, user, password, subjects.STREAM_INVOCATIONS, consumer]
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--js-responder"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, ENV_RESPONDER: json.dumps(login)},
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        if (await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)).strip() != "ready":
+            raise SystemExit("the JetStream responder did not start")
+        inbox = nc.new_inbox()
+        waiter: list[asyncio.Future[None]] = []
+
+        async def on_reply(msg: Any) -> None:
+            waiter[0].set_result(None)
+
+        await nc.subscribe(inbox, cb=on_reply)
+        loop = asyncio.get_running_loop()
+
+        async def call() -> object:
+            waiter[:] = [loop.create_future()]
+            await nc.publish(subject, PAYLOAD.encode(), headers={HDR_REPLY: inbox})
+            await waiter[0]
+            return None
+
+        note(f"JetStream floor: {n} sequential publish → pull → reply round trips")
+        report_sequential("nats_jetstream_roundtrip", await time_sequential_async(call, n, warmup))
+    finally:
+        proc.stdin.close()
+        proc.wait(10)
+        await nc.close()
+
+
 # --------------------------------------------------------------------------- DuanFlow: warm .remote()
 
 
-def bench_duanflow(workdir: Path, n: int, warmup: int, total: int, inflight: int) -> None:
-    """Deploy the trivial app, then time warm ``.remote()`` (sync) and ``.remote.aio()`` (concurrent)."""
+def deploy_bench_app(workdir: Path) -> Any:
+    """Deploy the trivial app with the CLI; return a handle on its function."""
     import duanflow as df
 
     app_file = workdir / "bench_latency_app.py"
     app_file.write_text(APP_SOURCE, encoding="utf-8")
     note(f"deploying {app_file}")
     cli("deploy", str(app_file))
-    fn = df.Function.from_name(BENCH_APP, BENCH_FUNCTION)
+    return df.Function.from_name(BENCH_APP, BENCH_FUNCTION)
+
+
+def bench_duanflow(fn: Any, n: int, warmup: int, total: int, inflight: int) -> None:
+    """Time warm ``.remote()`` (sync) and ``.remote.aio()`` (concurrent) of the trivial function."""
     first = fn.remote(PAYLOAD)
     if first != PAYLOAD:
         raise SystemExit(f"{BENCH_APP}.{BENCH_FUNCTION} returned {first!r}, expected {PAYLOAD!r}")
@@ -380,6 +463,11 @@ def main(argv: list[str] | None = None) -> int:
     """Command line entry point."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--use-running", action="store_true", help="use the running local stack, start none")
+    parser.add_argument(
+        "--direct",
+        action="store_true",
+        help="no stack: a NATS server, the consumer and one replica only (bench/_direct.py)",
+    )
     parser.add_argument("--data-dir", type=Path, default=None, help="its data dir (default: $DUANFLOW_HOME/local)")
     parser.add_argument("-n", "--sequential", type=int, default=1000, help="timed sequential calls per subject")
     parser.add_argument("--warmup", type=int, default=100, help="untimed calls first")
@@ -387,9 +475,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--total", type=int, default=2000, help="calls in the throughput run")
     parser.add_argument("--celery-broker", default=os.environ.get("CELERY_BROKER_URL", ""), help="Celery broker URL")
     parser.add_argument("--responder", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--js-responder", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.responder:
         asyncio.run(responder())
+        return 0
+    if args.js_responder:
+        asyncio.run(js_responder())
         return 0
     if min(args.sequential, args.inflight, args.total) < 1 or args.warmup < 0:
         parser.error("--sequential, --inflight and --total must be positive, --warmup not negative")
@@ -399,11 +491,25 @@ def main(argv: list[str] | None = None) -> int:
     sizes = (args.sequential, args.warmup, args.total, args.inflight)
     with tempfile.TemporaryDirectory(prefix="duanflow-bench-work-") as tmp:
         workdir = Path(tmp)
-        with local_stack(args.use_running, args.data_dir) as data_dir:
-            asyncio.run(bench_nats_floor(nats_service_login(data_dir), *sizes))
-            bench_duanflow(workdir, *sizes)
+        if args.direct:
+            sys.path.insert(0, str(Path(__file__).parent))
+            from _direct import direct  # type: ignore[import-not-found,unused-ignore]
+
+            with direct(APP_SOURCE, BENCH_APP) as d:
+                d.start_replica(BENCH_FUNCTION)
+                asyncio.run(bench_nats_floor(d.login, *sizes))
+                asyncio.run(bench_jetstream_floor(d, args.sequential, args.warmup))
+                bench_duanflow(getattr(d.module, BENCH_FUNCTION), *sizes)
+        else:
+            with local_stack(args.use_running, args.data_dir) as data_dir:
+                asyncio.run(bench_nats_floor(nats_service_login(data_dir), *sizes))
+                bench_duanflow(deploy_bench_app(workdir), *sizes)
         bench_ray(*sizes)
         bench_celery(args.celery_broker, workdir, *sizes)
+    ours = MEDIANS.get("duanflow_remote")
+    for other in ("nats_request_reply", "nats_jetstream_roundtrip", "ray_task", "celery_task"):
+        if ours and MEDIANS.get(other):
+            emit("duanflow_remote", f"median_ratio_to_{other}", round(ours / MEDIANS[other], 2), "x")
     return 0
 
 

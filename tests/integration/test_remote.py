@@ -29,7 +29,7 @@ from duanflow_proto import codec, subjects
 from duanflow_proto.messages.common import Ack, ErrorReply
 from duanflow_proto.messages.invocation import HDR_REPLY, Result
 from duanflow_proto.messages.release import FunctionLookup
-from fixtures.waiting import eventually  # type: ignore[import-not-found]
+from fixtures.waiting import eventually
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 pytestmark = pytest.mark.timeout(90)
@@ -299,10 +299,17 @@ def test_retries_rerun_failed_inputs_and_the_caller_sees_the_last_attempt(deploy
         deployed.module.flaky.remote("b", 5)
 
 
-def test_oversized_arguments_and_results_fail_clearly(deployed: Deployed) -> None:
-    with pytest.raises(df.PayloadTooLargeError, match="arguments of work"):
+def test_map_inputs_are_retried_with_the_policy_and_report_their_last_error(deployed: Deployed) -> None:
+    out = list(deployed.module.flaky.starmap([("map-a", 1), ("map-b", 5)], return_exceptions=True))
+    assert out[0] == 2
+    assert isinstance(out[1], deployed.module.AppError) and str(out[1]) == "attempt 3 failed"
+
+
+def test_large_payloads_without_a_router_say_what_they_need(deployed: Deployed) -> None:
+    # Over ~1 MiB, arguments and results travel through S3 with URLs from the router; here there is none.
+    with pytest.raises(df.UnavailableError, match="large payloads need the router"):
         deployed.module.work.remote("echo", b"x" * (3 * 2**20))
-    with pytest.raises(df.PayloadTooLargeError, match="result of work"):
+    with pytest.raises(df.UnavailableError, match="large payloads need the router"):
         deployed.module.work.remote("big", 9 * 2**20)
     assert deployed.module.work.remote("big", 10) == b"x" * 10
 

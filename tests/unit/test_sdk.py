@@ -27,6 +27,7 @@ EXPECTED_ALL = [
     "App",
     "Auth",
     "BuildFailedError",
+    "Cls",
     "ConflictError",
     "DeadlineExceededError",
     "DeserializationError",
@@ -45,11 +46,16 @@ EXPECTED_ALL = [
     "PermissionDeniedError",
     "Queue",
     "RemoteError",
+    "Request",
+    "Response",
     "Retries",
     "Secret",
     "UnauthenticatedError",
     "UnavailableError",
     "__version__",
+    "enter",
+    "exit",
+    "method",
 ]
 
 

@@ -16,6 +16,7 @@ Example::
 
 from duanflow._app import App
 from duanflow._auth import Auth
+from duanflow._cls import Cls, enter, exit, method
 from duanflow._errors import (
     BuildFailedError,
     ConflictError,
@@ -38,6 +39,8 @@ from duanflow._errors import (
 from duanflow._function import Function, FunctionCall
 from duanflow._image import Image
 from duanflow._queue import Queue
+from duanflow._request import Request
+from duanflow._response import Response
 from duanflow._retries import Retries
 from duanflow._secret import Secret
 
@@ -47,6 +50,7 @@ __all__ = [
     "App",
     "Auth",
     "BuildFailedError",
+    "Cls",
     "ConflictError",
     "DeadlineExceededError",
     "DeserializationError",
@@ -65,9 +69,14 @@ __all__ = [
     "PermissionDeniedError",
     "Queue",
     "RemoteError",
+    "Request",
+    "Response",
     "Retries",
     "Secret",
     "UnauthenticatedError",
     "UnavailableError",
     "__version__",
+    "enter",
+    "exit",
+    "method",
 ]

@@ -12,6 +12,9 @@ from typing import Any, Final, ParamSpec, TypeVar, overload
 from duanflow_proto import subjects
 from duanflow_proto.messages.release import AppSpec, FunctionSpec
 
+from duanflow._auth import Auth
+from duanflow._cls import Cls, cls_decorator
+from duanflow._endpoint import endpoint_decorator, with_bearer_token
 from duanflow._errors import InvalidOptionError
 from duanflow._function import Function
 from duanflow._image import Image, env_dict
@@ -174,6 +177,58 @@ class App:
             return decorate(_f)
         return decorate
 
+    def cls(self, **options: Any) -> Callable[[type], Cls]:
+        """Declare a lifecycle class: one instance per replica, ``@df.enter`` hooks once, ``@df.method`` calls.
+
+        Takes the options of :meth:`function` (``gpu``, ``concurrency``, ``timeout``, ``retries``...).
+
+        Example::
+
+            @app.cls(gpu="H100", concurrency=4)
+            class Model:
+                @df.enter()
+                def load(self):
+                    self.scale = 2
+
+                @df.method()
+                def predict(self, x):
+                    return self.scale * x
+
+            Model().predict.remote(21)
+        """
+        return cls_decorator(self, dict(options))
+
+    def endpoint(
+        self,
+        *,
+        method: str = "POST",
+        path: str = "/",
+        auth: Auth | None = None,
+        burst: int | None = None,
+        stream: str = "auto",
+        **options: Any,
+    ) -> Callable[[Callable[..., Any]], Function[..., Any]]:
+        """Serve a function over HTTP through the gateway, at ``method`` + ``path`` (``{name}`` segments allowed).
+
+        ``auth=df.Auth.bearer("NAME")`` requires ``Authorization: Bearer <value of NAME>`` (from the app's env);
+        ``burst`` caps concurrent requests (429 above); ``stream`` is how a returned generator is sent: ``auto``
+        (SSE when the client accepts ``text/event-stream``, else chunked), ``chunked`` or ``sse``. Every option of
+        ``@app.function`` applies too (``gpu``, ``keep_warm``, ``timeout``...). The function takes the
+        :class:`~duanflow.Request` (a parameter named ``request``) and returns dict/list (JSON), str (text),
+        bytes (binary), a :class:`~duanflow.Response`, or a generator (streamed).
+
+        Example::
+
+            @app.endpoint(method="POST", path="/v1/chat/completions", gpu="H100", keep_warm=1,
+                          auth=df.Auth.bearer("DUANFLOW_API_KEY"))
+            def chat_completions(request):
+                body = request.json()
+                return {"model": "duanflow-qwen", "choices": [{"message": body["messages"][-1]}]}
+        """
+        return endpoint_decorator(
+            self, {"method": method, "path": path, "auth": auth, "burst": burst, "stream": stream, **options}
+        )
+
     def _register(self, fn: Function[..., Any]) -> Function[..., Any]:
         if fn.name in self._functions:
             raise InvalidOptionError(
@@ -213,7 +268,7 @@ class App:
                     details={"function": fn.name, "option": "image"},
                 )
             image = fn.image
-        functions: list[FunctionSpec] = [fn.spec for fn in self._functions.values()]
+        functions: list[FunctionSpec] = [with_bearer_token(fn.spec, self._env) for fn in self._functions.values()]
         return AppSpec(
             name=self._name,
             module=mod,

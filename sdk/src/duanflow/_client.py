@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import cloudpickle
@@ -33,7 +33,7 @@ from duanflow_proto.messages.invocation import CODEC_CLOUDPICKLE, CODEC_JSON, HD
 from duanflow_proto.messages.release import FunctionLookup, FunctionRef, FunctionSpec
 from nats.aio.msg import Msg
 
-from duanflow import _config
+from duanflow import _config, _telemetry
 from duanflow._errors import (
     DeadlineExceededError,
     DeserializationError,
@@ -44,6 +44,10 @@ from duanflow._errors import (
     RemoteError,
     UnavailableError,
 )
+from duanflow._inbox import subscribe_direct
+from duanflow._payload import INLINE_MAX
+from duanflow._payload import fetch as fetch_payload
+from duanflow._payload import store as store_payload
 
 T = TypeVar("T")
 
@@ -54,6 +58,10 @@ PUBLISH_TIMEOUT_S: Final = 10.0
 CONNECT_TIMEOUT_S: Final = 10.0
 CONTROL_TIMEOUT_S: Final = 30.0
 LOOKUP_TIMEOUT_S: Final = 10.0
+CONFIRM_AFTER_S: Final = 1.0
+"""A call without its result after this long has its publish confirmed (see :meth:`Client.send`)."""
+HDR_MSG_ID: Final = "Nats-Msg-Id"
+"""JetStream's de-duplication header."""
 JS_ERR_MESSAGE_TOO_LARGE: Final = 10054
 """JetStream's error code for a message over the stream's ``max_msg_size``."""
 
@@ -75,12 +83,23 @@ class Client:
         self._js: Any = None
         self._connect_lock: asyncio.Lock | None = None
         self._inbox = ""
-        self._pending: dict[str, asyncio.Future[bytes]] = {}
+        self._ack_inbox = ""
+        self._pending: dict[str, asyncio.Future[bytes] | Sink] = {}
+        """Calls waiting for results, by the reply subject's last token: a future, or a sink for many messages."""
+        self._unacked: dict[str, tuple[str, asyncio.TimerHandle, Target]] = {}
+        """Published invocations whose PubAck has not come yet: ack token → (pending key, timer, target)."""
         self._targets: dict[tuple[str, str, str], Target] = {}
         self._max_payload = 1024 * 1024
         self._id_prefix = secrets.token_hex(8)
         self._ids = itertools.count(1)
         self._closed = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._in_flight: dict[str, tuple[Target, bytes, dict[str, str]]] = {}
+        """Bodies of ``.remote()`` calls waiting for their result, to send again after a reconnect."""
+        self._generation = 0
+        self._stored: dict[str, asyncio.Future[None]] = {}
+        """Spawned calls waiting for their PubAck."""
+        """Publishes started for sync callers (kept referenced until done)."""
 
     # -- facade -------------------------------------------------------------------------------------------
 
@@ -158,6 +177,7 @@ class Client:
                         reconnect_time_wait=0.5,
                         max_reconnect_attempts=-1,
                         error_cb=on_error,
+                        reconnected_cb=self._on_reconnected,
                     ),
                     CONNECT_TIMEOUT_S,
                 )
@@ -167,16 +187,144 @@ class Client:
                     f"cannot connect to DuanFlow at {where}: {reason or type(reason).__name__}"
                 ) from None
             self._inbox = nc.new_inbox()
+            self._ack_inbox = nc.new_inbox()
             self._max_payload = nc.max_payload
-            await nc.subscribe(f"{self._inbox}.*", cb=self._on_result)
+            await subscribe_direct(nc, f"{self._inbox}.*", self._on_result)
+            await subscribe_direct(nc, f"{self._ack_inbox}.*", self._on_puback)
             self._js = nc.jetstream()
             self._nc = nc
             return nc
 
-    async def _on_result(self, msg: Msg) -> None:
-        future = self._pending.get(msg.subject[len(self._inbox) + 1 :])
-        if future is not None and not future.done():
-            future.set_result(msg.data)
+    def _on_result(self, msg: Msg) -> None:
+        # Runs inside the connection's read loop (duanflow._inbox): no awaiting here.
+        key = msg.subject[len(self._inbox) + 1 :]
+        waiter = self._pending.get(key)
+        if waiter is None:
+            return
+        self._in_flight.pop(key, None)
+        if type(waiter) is asyncio.Future:
+            if not waiter.done():
+                waiter.set_result(msg.data)
+        else:
+            waiter.on_data(msg.data)  # type: ignore[union-attr]
+
+    def _on_puback(self, msg: Msg) -> None:
+        """JetStream's answer to one publish: nothing to do when stored, else fail the waiting call."""
+        entry = self._unacked.pop(msg.subject[len(self._ack_inbox) + 1 :], None)
+        if entry is None:
+            return
+        key, timer, target = entry
+        timer.cancel()
+        stored = self._stored.get(key)
+        if stored is not None and not stored.done():
+            stored.set_result(None)
+        headers = msg.headers
+        if headers and headers.get("Status") == "503":
+            self._targets.pop((target.env, target.app, target.spec.name), None)
+            self._fail(
+                key, _not_deployed(target.app, target.spec.name, target.env, f"no stream takes {target.subject}")
+            )
+        elif b'"error"' in msg.data:
+            self._fail(key, _publish_error(target, msg.data))
+
+    async def _on_reconnected(self) -> None:
+        """After a reconnect, results published meanwhile are lost: send every call still waiting again.
+
+        Each goes out as a new message (a fresh ``Nats-Msg-Id``): one already run answers again, and the caller
+        keeps the first answer of each call or input.
+        """
+        self._generation += 1
+        for key, (target, body, headers) in list(self._in_flight.items()):
+            if key in self._pending:
+                fresh = {**headers, HDR_MSG_ID: f"{key}-r{self._generation}"}
+                self._spawn_task(self._republish(target, body, key, fresh))
+        for waiter in list(self._pending.values()):
+            resend = getattr(waiter, "resend_all", None)
+            if resend is not None:
+                resend()
+
+    def _on_puback_timeout(self, token: str) -> None:
+        entry = self._unacked.pop(token, None)
+        if entry is not None:
+            resend = getattr(self._pending.get(entry[0]), "resend", None)
+            if resend is not None:
+                resend(token)  # a map's batch: publish it again rather than fail the map
+                return
+            self._fail(
+                entry[0],
+                UnavailableError(
+                    f"JetStream did not acknowledge the invocation of {entry[2].spec.name} "
+                    f"within {PUBLISH_TIMEOUT_S:g}s"
+                ),
+            )
+
+    def _fail(self, key: str, exc: BaseException) -> None:
+        waiter = self._pending.get(key)
+        if waiter is None:
+            return
+        if type(waiter) is asyncio.Future:
+            if not waiter.done():
+                waiter.set_exception(exc)
+        else:
+            waiter.on_error(exc)  # type: ignore[union-attr]
+
+    async def send(self, target: Target, body: bytes, key: str, ack_token: str, *, confirm: bool = True) -> None:
+        """Publish one invocation body without waiting for its PubAck (it is checked when it comes).
+
+        Results go to ``<inbox>.<key>``; the PubAck to ``<ack inbox>.<ack_token>``. A refused publish (no stream,
+        too large) or a PubAck that never comes fails the waiter of ``key``.
+
+        With ``confirm=False`` (calls whose caller waits for the result anyway) no PubAck is asked for: the
+        message carries ``Nats-Msg-Id`` = ``key``, and only when no result came within ``CONFIRM_AFTER_S`` is the
+        same message published again asking for one. JetStream's de-duplication stores it at most once, and the
+        PubAck then says whether it was stored (or why not): failures surface within a second, while a fast call
+        costs one message fewer each way.
+        """
+        if len(body) > self._max_payload:
+            raise PayloadTooLargeError(
+                f"the arguments of {target.spec.name} are {len(body) / 2**20:.1f} MiB, over the "
+                f"{self._max_payload / 2**20:.1f} MiB an invocation can carry"
+            )
+        if not confirm:
+            headers = {HDR_REPLY: f"{self._inbox}.{key}", HDR_CALL_ID: key, HDR_MSG_ID: key}
+            _telemetry.inject(headers, key)
+            self._in_flight[key] = (target, body, headers)
+            await self._nc.publish(target.subject, body, headers=headers)
+            self._loop.call_later(CONFIRM_AFTER_S, self._confirm_late, target, body, key, headers)
+            return
+        timer = self._loop.call_later(PUBLISH_TIMEOUT_S, self._on_puback_timeout, ack_token)
+        self._unacked[ack_token] = (key, timer, target)
+        headers = {HDR_REPLY: f"{self._inbox}.{key}", HDR_CALL_ID: key}
+        _telemetry.inject(headers, key)
+        try:
+            await self._nc.publish(target.subject, body, reply=f"{self._ack_inbox}.{ack_token}", headers=headers)
+        except BaseException:
+            timer.cancel()
+            self._unacked.pop(ack_token, None)
+            raise
+
+    def _confirm_late(self, target: Target, body: bytes, key: str, headers: dict[str, str]) -> None:
+        """No result yet: publish the invocation again (de-duplicated by its id), this time asking for a PubAck."""
+        if key not in self._pending or self._nc is None or self._nc.is_closed:
+            return
+        timer = self._loop.call_later(PUBLISH_TIMEOUT_S, self._on_puback_timeout, key)
+        self._unacked[key] = (key, timer, target)
+        task = self._loop.create_task(self._republish(target, body, key, headers))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _republish(self, target: Target, body: bytes, key: str, headers: dict[str, str]) -> None:
+        try:
+            await self._nc.publish(target.subject, body, reply=f"{self._ack_inbox}.{key}", headers=headers)
+        except Exception as exc:
+            entry = self._unacked.pop(key, None)
+            if entry is not None:
+                entry[1].cancel()
+            self._fail(key, UnavailableError(f"could not publish the invocation of {target.spec.name}: {exc}"))
+
+    def new_call_id(self) -> str:
+        """A fresh call id (``fc-`` + this client's prefix + a counter)."""
+        return f"fc-{self._id_prefix}{next(self._ids):x}"
 
     async def request(
         self,
@@ -245,66 +393,44 @@ class Client:
             del self._targets[key]
 
     async def publish(
-        self, target: Target, payload: bytes, *, keep_result: bool = False
+        self, target: Target, payload: bytes, *, keep_result: bool = False, method: str = "", confirm: bool = True
     ) -> tuple[str, asyncio.Future[bytes]]:
         """Publish one invocation with serialized ``(args, kwargs)``; return its call id and the raw Result's future."""
         if self._js is None:
             await self.connect()
         call_id = f"fc-{self._id_prefix}{next(self._ids):x}"
-        body = codec.encode(
+        ref = None
+        if len(payload) > INLINE_MAX:
+            ref, payload = await store_payload(self._nc, payload), b""
+        body = _encode_invocation(
             Invocation(
                 call_id=call_id,
                 function=target.spec.name,
                 args=payload,
+                payload_ref=ref,
                 deadline_ms=int((time.time() + target.wait_s) * 1000),
                 python=PYTHON,
                 keep_result=keep_result,
+                method=method,
             )
         )
-        if len(body) > self._max_payload:
-            raise PayloadTooLargeError(
-                f"the arguments of {target.spec.name} are {len(body) / 2**20:.1f} MiB, over the "
-                f"{self._max_payload / 2**20:.1f} MiB an invocation can carry"
-            )
         future: asyncio.Future[bytes] = self._loop.create_future()
         self._pending[call_id] = future
         try:
-            await self._js.publish(
-                target.subject,
-                body,
-                timeout=PUBLISH_TIMEOUT_S,
-                headers={HDR_REPLY: f"{self._inbox}.{call_id}", HDR_CALL_ID: call_id},
-            )
-        except nats.js.errors.NoStreamResponseError:
-            self._pending.pop(call_id, None)
-            self._targets.pop((target.env, target.app, target.spec.name), None)
-            raise _not_deployed(target.app, target.spec.name, target.env, f"no stream takes {target.subject}") from None
-        except nats.js.errors.APIError as exc:
-            self._pending.pop(call_id, None)
-            if exc.err_code == JS_ERR_MESSAGE_TOO_LARGE:
-                raise PayloadTooLargeError(
-                    f"the arguments of {target.spec.name} are {len(body) / 2**20:.1f} MiB, over what the invocations "
-                    f"stream takes ({exc.description}): pass a storage key instead of the data"
-                ) from None
-            raise UnavailableError(f"the invocation of {target.spec.name} was refused: {exc.description}") from None
-        except (TimeoutError, nats.errors.TimeoutError):
-            self._pending.pop(call_id, None)
-            raise UnavailableError(
-                f"JetStream did not acknowledge the invocation of {target.spec.name} within {PUBLISH_TIMEOUT_S:g}s"
-            ) from None
+            await self.send(target, body, call_id, call_id, confirm=confirm)
         except BaseException:
             self._pending.pop(call_id, None)
             raise
         return call_id, future
 
     async def call(
-        self, app: str, function: str, env: str, local: FunctionSpec | None, payload: bytes
+        self, app: str, function: str, env: str, local: FunctionSpec | None, payload: bytes, method: str = ""
     ) -> tuple[Target, bytes]:
         """Invoke ``function`` and wait for its raw Result (the body of ``f.remote()``)."""
         target = self._targets.get((env, app, function)) or await self.resolve(app, function, env, local)
-        call_id, future = await self.publish(target, payload)
+        call_id, future = await self.publish(target, payload, method=method, confirm=False)
         try:
-            return target, await asyncio.wait_for(future, target.wait_s)
+            return target, await self.inline_result(await asyncio.wait_for(future, target.wait_s))
         except TimeoutError:
             raise FunctionTimeoutError(
                 f"{app}.{function} did not answer within {target.wait_s:g}s "
@@ -312,20 +438,156 @@ class Client:
                 details={"call_id": call_id},
             ) from None
         finally:
+            self._forget(call_id)
+
+    def _forget(self, call_id: str) -> None:
+        self._pending.pop(call_id, None)
+        self._in_flight.pop(call_id, None)
+
+    def call_sync(
+        self, app: str, function: str, env: str, local: FunctionSpec | None, payload: bytes, method: str = ""
+    ) -> tuple[Target, bytes]:
+        """:meth:`call` for the sync facade, with one thread hand-off each way and no task or future chain.
+
+        The invocation is encoded on the caller's thread; the loop only registers the waiter and publishes;
+        the caller sleeps on a plain lock that the result's arrival (in the read loop) releases.
+        """
+        target = self._targets.get((env, app, function))
+        if target is None or self._nc is None or self._closed or len(payload) > INLINE_MAX:
+            done: tuple[Target, bytes] = self.run(
+                _telemetry.within, _telemetry.current_headers(), self.call, app, function, env, local, payload, method
+            )
+            return done
+        call_id = f"fc-{self._id_prefix}{next(self._ids):x}"
+        _telemetry.bind(call_id)
+        body = _encode_invocation(
+            Invocation(
+                call_id=call_id,
+                function=target.spec.name,
+                args=payload,
+                deadline_ms=int((time.time() + target.wait_s) * 1000),
+                python=PYTHON,
+                method=method,
+            )
+        )
+        waiter = _SyncWaiter()
+        self._loop.call_soon_threadsafe(self._start_sync, target, body, call_id, waiter)
+        try:
+            if not waiter.lock.acquire(timeout=target.wait_s):
+                raise FunctionTimeoutError(
+                    f"{app}.{function} did not answer within {target.wait_s:g}s "
+                    f"(its timeout is {target.spec.timeout_s:g}s)",
+                    details={"call_id": call_id},
+                )
+        finally:
+            if waiter.data is None:
+                self._loop.call_soon_threadsafe(self._forget, call_id)
+        if waiter.error is not None:
+            raise waiter.error
+        data: bytes = waiter.data  # type: ignore[assignment]
+        if _NO_REF not in data:
+            data = self.run(self.inline_result, data)
+        return target, data
+
+    async def inline_result(self, data: bytes) -> bytes:
+        """A raw Result whose value is stored in S3 (``payload_ref``), with the value fetched back into it."""
+        if _NO_REF in data:
+            return data
+        try:
+            result = codec.decode(data, Result)
+        except InvalidInputError:
+            return data
+        if not result.payload_ref:
+            return data
+        value = await fetch_payload(self._nc, result.payload_ref)
+        return codec.encode(msgspec.structs.replace(result, value=value, payload_ref=None))
+
+    async def call_async(
+        self, app: str, function: str, env: str, local: FunctionSpec | None, payload: bytes, method: str = ""
+    ) -> tuple[Target, bytes]:
+        """:meth:`call` for ``.remote.aio()`` from another event loop: the result is handed straight to the
+        caller's loop (no task or future chain on the client's loop)."""
+        target = self._targets.get((env, app, function))
+        caller = asyncio.get_running_loop()
+        if target is None or self._nc is None or self._closed or len(payload) > INLINE_MAX or caller is self._loop:
+            return await self.run_async(
+                _telemetry.within, _telemetry.current_headers(), self.call, app, function, env, local, payload, method
+            )
+        call_id = f"fc-{self._id_prefix}{next(self._ids):x}"
+        _telemetry.bind(call_id)
+        body = _encode_invocation(
+            Invocation(
+                call_id=call_id,
+                function=target.spec.name,
+                args=payload,
+                deadline_ms=int((time.time() + target.wait_s) * 1000),
+                python=PYTHON,
+                method=method,
+            )
+        )
+        waiter = _LoopWaiter(caller)
+        self._loop.call_soon_threadsafe(self._start_sync, target, body, call_id, waiter)
+        try:
+            data = await asyncio.wait_for(waiter.future, target.wait_s)
+        except TimeoutError:
+            raise FunctionTimeoutError(
+                f"{app}.{function} did not answer within {target.wait_s:g}s "
+                f"(its timeout is {target.spec.timeout_s:g}s)",
+                details={"call_id": call_id},
+            ) from None
+        finally:
+            self._loop.call_soon_threadsafe(self._forget, call_id)
+        if _NO_REF not in data:
+            data = await self.run_async(self.inline_result, data)
+        return target, data
+
+    def _start_sync(self, target: Target, body: bytes, call_id: str, waiter: _SyncWaiter | _LoopWaiter) -> None:
+        self._pending[call_id] = waiter
+        self._spawn_task(self._send_sync(target, body, call_id, waiter))
+
+    def _spawn_task(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` on the loop, keeping it referenced until done (it handles its own errors)."""
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send_sync(self, target: Target, body: bytes, call_id: str, waiter: _SyncWaiter | _LoopWaiter) -> None:
+        try:
+            await self.send(target, body, call_id, call_id, confirm=False)
+        except BaseException as exc:
             self._pending.pop(call_id, None)
+            waiter.on_error(exc)
 
     async def spawn(
-        self, app: str, function: str, env: str, local: FunctionSpec | None, payload: bytes
+        self, app: str, function: str, env: str, local: FunctionSpec | None, payload: bytes, method: str = ""
     ) -> tuple[Target, str]:
-        """Invoke ``function`` without waiting; the result is kept (inbox here, results bucket for others)."""
+        """Invoke ``function`` without waiting for it; return once JetStream has stored the invocation.
+
+        The result is kept (this client's inbox, and the results bucket for any other process).
+        """
         target = self._targets.get((env, app, function)) or await self.resolve(app, function, env, local)
-        call_id, _ = await self.publish(target, payload, keep_result=True)
+        call_id, future = await self.publish(target, payload, keep_result=True, method=method)
+        stored = self._loop.create_future()
+        self._stored[call_id] = stored
+        try:
+            # The PubAck (or the refusal, which also fails the call's future) decides.
+            done, _ = await asyncio.wait({stored, future}, timeout=PUBLISH_TIMEOUT_S, return_when="FIRST_COMPLETED")
+        finally:
+            self._stored.pop(call_id, None)
+        if future in done and future.exception() is not None:
+            self._pending.pop(call_id, None)
+            raise future.exception()  # type: ignore[misc]
+        if not done:
+            self._pending.pop(call_id, None)
+            raise UnavailableError(
+                f"JetStream did not acknowledge the invocation of {target.spec.name} within {PUBLISH_TIMEOUT_S:g}s"
+            )
         return target, call_id
 
     async def wait_result(self, call_id: str, timeout: float) -> bytes:  # noqa: ASYNC109
         """The raw Result of a spawned call: from this client's inbox, else polled from the results bucket."""
         future = self._pending.get(call_id)
-        if future is not None:
+        if isinstance(future, asyncio.Future):
             try:
                 data = await asyncio.wait_for(asyncio.shield(future), timeout)
             except TimeoutError:
@@ -333,7 +595,7 @@ class Client:
                     f"call {call_id} has not finished within {timeout:g}s", details={"call_id": call_id}
                 ) from None
             self._pending.pop(call_id, None)
-            return data
+            return await self.inline_result(data)
         if self._js is None:
             await self.connect()
         try:
@@ -350,7 +612,7 @@ class Client:
             except nats.js.errors.KeyNotFoundError:
                 entry = None
             if entry is not None and entry.value:
-                return bytes(entry.value)
+                return await self.inline_result(bytes(entry.value))
             if time.monotonic() >= deadline:
                 raise DeadlineExceededError(
                     f"call {call_id} has no result within {timeout:g}s", details={"call_id": call_id}
@@ -379,6 +641,86 @@ class Target:
     def gpu_label(self) -> str:
         """How the simulated-GPU note names the GPU."""
         return self.spec.gpu[0] if len(self.spec.gpu) == 1 else "GPU"
+
+
+class _LoopWaiter:
+    """An async caller's wait for one result, on the caller's own loop."""
+
+    __slots__ = ("future", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.future: asyncio.Future[bytes] = loop.create_future()
+
+    def _set(self, data: bytes | None, exc: BaseException | None) -> None:
+        if self.future.done():
+            return
+        if exc is not None:
+            self.future.set_exception(exc)
+        else:
+            self.future.set_result(data)  # type: ignore[arg-type]
+
+    def on_data(self, data: bytes) -> None:
+        self.loop.call_soon_threadsafe(self._set, data, None)
+
+    def on_error(self, exc: BaseException) -> None:
+        self.loop.call_soon_threadsafe(self._set, None, exc)
+
+
+class _SyncWaiter:
+    """A sync caller's wait for one result: a lock the loop releases when the result (or an error) is in."""
+
+    __slots__ = ("data", "error", "lock")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.lock.acquire()
+        self.data: bytes | None = None
+        self.error: BaseException | None = None
+
+    def on_data(self, data: bytes) -> None:
+        if self.data is None and self.error is None:
+            self.data = data
+            self.lock.release()
+
+    def on_error(self, exc: BaseException) -> None:
+        if self.data is None and self.error is None:
+            self.error = exc
+            self.lock.release()
+
+
+class Sink(Protocol):
+    """Receives every message sent to one reply subject (maps, generators)."""
+
+    def on_data(self, data: bytes) -> None:
+        """One message arrived."""
+
+    def on_error(self, exc: BaseException) -> None:
+        """The publish feeding this sink failed."""
+
+
+_invocation_encoder = msgspec.msgpack.Encoder()
+_NO_REF: Final = b"\xabpayload_ref\xc0"
+"""How an encoded Result with ``payload_ref=None`` spells that field: a quick test before decoding."""
+
+
+def _encode_invocation(inv: msgspec.Struct) -> bytes:
+    return _invocation_encoder.encode(inv)
+
+
+def _publish_error(target: Target, data: bytes) -> Exception:
+    """The error a refused JetStream publish stands for."""
+    try:
+        err = msgspec.json.decode(data).get("error", {})
+    except Exception:
+        err = {}
+    code, description = err.get("err_code"), err.get("description", "refused")
+    if code == JS_ERR_MESSAGE_TOO_LARGE:
+        return PayloadTooLargeError(
+            f"the arguments of {target.spec.name} are over what the invocations stream takes ({description}): "
+            "pass a storage key instead of the data"
+        )
+    return UnavailableError(f"the invocation of {target.spec.name} was refused: {description}")
 
 
 def _not_deployed(app: str, function: str, env: str, why: str) -> NotFoundError:
@@ -436,6 +778,13 @@ def decode_result(data: bytes, function: str, gpu: str = "GPU") -> Any:
         result = codec.decode(data, Result)
     except InvalidInputError as garbage:
         raise DeserializationError(f"the result of {function} could not be decoded: {garbage.message}") from None
+    if result.stream and not result.final:
+        raise InvalidInputError(f"{function} is a generator function: iterate `{function}.remote_gen(...)` instead")
+    return unwrap_result(result, function, gpu)
+
+
+def unwrap_result(result: Result, function: str, gpu: str = "GPU") -> Any:
+    """:func:`decode_result` for a Result already decoded (a map's results arrive many to a message)."""
     if result.simulated_gpu:
         _note_simulated(function, gpu)
     if result.ok:

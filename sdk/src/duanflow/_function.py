@@ -8,8 +8,11 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 import cloudpickle
 from duanflow_proto.messages.release import FunctionSpec
 
+from duanflow import _telemetry
 from duanflow._client import Client, decode_result, ensure_blocking_allowed, get_client
 from duanflow._errors import InvalidInputError
+from duanflow._gen import RemoteGen
+from duanflow._map import MapMethod
 
 if TYPE_CHECKING:
     from duanflow._app import App
@@ -37,8 +40,9 @@ class _Remote(Generic[P, R]):
         client = get_client()
         payload = cloudpickle.dumps((args, kwargs))
         app, name, env = fn._target(client)
-        target, data = client.run(client.call, app, name, env, fn._spec, payload)
-        return decode_result(data, name, target.gpu_label)  # type: ignore[no-any-return]
+        with _telemetry.invoke_span(app, name):
+            target, data = client.call_sync(app, name, env, fn._spec, payload, fn._method)
+        return decode_result(data, fn.label, target.gpu_label)  # type: ignore[no-any-return]
 
     async def aio(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run the function on a replica without blocking the event loop.
@@ -51,8 +55,9 @@ class _Remote(Generic[P, R]):
         client = get_client()
         payload = cloudpickle.dumps((args, kwargs))
         app, name, env = fn._target(client)
-        target, data = await client.run_async(client.call, app, name, env, fn._spec, payload)
-        return decode_result(data, name, target.gpu_label)  # type: ignore[no-any-return]
+        with _telemetry.invoke_span(app, name):
+            target, data = await client.call_async(app, name, env, fn._spec, payload, fn._method)
+        return decode_result(data, fn.label, target.gpu_label)  # type: ignore[no-any-return]
 
 
 class _Spawn(Generic[P, R]):
@@ -70,8 +75,8 @@ class _Spawn(Generic[P, R]):
         client = get_client()
         payload = cloudpickle.dumps((args, kwargs))
         app, name, env = fn._target(client)
-        target, call_id = client.run(client.spawn, app, name, env, fn._spec, payload)
-        return FunctionCall(call_id, function=name, wait_s=target.wait_s, gpu=target.gpu_label)
+        target, call_id = client.run(client.spawn, app, name, env, fn._spec, payload, fn._method)
+        return FunctionCall(call_id, function=fn.label, wait_s=target.wait_s, gpu=target.gpu_label)
 
     async def aio(self, *args: P.args, **kwargs: P.kwargs) -> FunctionCall[R]:
         """Start the function on a replica from async code.
@@ -85,8 +90,8 @@ class _Spawn(Generic[P, R]):
         client = get_client()
         payload = cloudpickle.dumps((args, kwargs))
         app, name, env = fn._target(client)
-        target, call_id = await client.run_async(client.spawn, app, name, env, fn._spec, payload)
-        return FunctionCall(call_id, function=name, wait_s=target.wait_s, gpu=target.gpu_label)
+        target, call_id = await client.run_async(client.spawn, app, name, env, fn._spec, payload, fn._method)
+        return FunctionCall(call_id, function=fn.label, wait_s=target.wait_s, gpu=target.gpu_label)
 
 
 class _Get(Generic[R]):
@@ -196,6 +201,12 @@ class Function(Generic[P, R]):
     """Run on a replica and wait for the result: ``f.remote(*args, **kwargs)``; async: ``await f.remote.aio(...)``."""
     spawn: _Spawn[P, R]
     """Start on a replica and return a :class:`FunctionCall`: ``f.spawn(...)``; async: ``await f.spawn.aio(...)``."""
+    remote_gen: RemoteGen[P, R]
+    """Iterate a generator function's values as its replica yields them: ``for x in f.remote_gen(...)``."""
+    map: MapMethod
+    """Run over many inputs, yielding results in order: ``f.map(xs)``; async: ``async for r in f.map.aio(xs)``."""
+    starmap: MapMethod
+    """Like ``map`` with argument tuples: ``f.starmap([(1, 2), (3, 4)])``."""
 
     def __init__(
         self,
@@ -207,8 +218,10 @@ class Function(Generic[P, R]):
         app_name: str | None = None,
         env: str | None = None,
         image: Image | None = None,
+        method: str = "",
     ) -> None:
         self._name = name
+        self._method = method
         self._raw_f = raw_f
         self._spec = spec
         self._app = app
@@ -217,6 +230,9 @@ class Function(Generic[P, R]):
         self._image = image
         self.remote = _Remote(self)
         self.spawn = _Spawn(self)
+        self.map = MapMethod(self)
+        self.remote_gen = RemoteGen(self)
+        self.starmap = MapMethod(self, star=True)
         if raw_f is not None:
             self.__doc__ = raw_f.__doc__
             self.__wrapped__ = raw_f
@@ -245,6 +261,26 @@ class Function(Generic[P, R]):
     def name(self) -> str:
         """The function's name within its app."""
         return self._name
+
+    @property
+    def label(self) -> str:
+        """How messages name it: ``fn``, or ``Class.method`` for a method of a lifecycle class."""
+        return f"{self._name}.{self._method}" if self._method else self._name
+
+    def _method_handle(self, method: str, local: Callable[..., Any]) -> Function[..., Any]:
+        """A handle on one ``@df.method`` of the class this function deploys (``local`` runs it here)."""
+        handle: Function[..., Any] = Function(
+            name=self._name,
+            raw_f=local,
+            spec=self._spec,
+            app=self._app,
+            app_name=self._app_name,
+            env=self._env,
+            image=self._image,
+            method=method,
+        )
+        handle.__name__ = handle.__qualname__ = f"{self._name}.{method}"
+        return handle
 
     @property
     def app_name(self) -> str:
@@ -292,4 +328,4 @@ class Function(Generic[P, R]):
 
     def __repr__(self) -> str:
         kind = self._spec.kind if self._spec else "function"
-        return f"<duanflow {kind} {self.app_name}.{self._name}>"
+        return f"<duanflow {kind} {self.app_name}.{self.label}>"

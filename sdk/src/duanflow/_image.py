@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
 
 from duanflow_proto.messages.build import ImageSpec
 
@@ -68,6 +72,19 @@ class Image:
         """
         return replace(self, pip=self.pip + _strings(packages, "pip_install"))
 
+    def pip_install_from_requirements(self, path: str | os.PathLike[str]) -> Image:
+        """Add the requirements of a ``requirements.txt`` (read now, at deploy; ``-r other.txt`` lines followed).
+
+        The requirements become part of the spec, so editing the file changes the image id.
+
+        Example::
+
+            image = df.Image.debian_slim().pip_install_from_requirements("requirements.txt")
+        """
+        if not isinstance(path, (str, os.PathLike)):
+            raise InvalidOptionError(f"Image.pip_install_from_requirements() takes a file path, got {path!r}")
+        return replace(self, pip=self.pip + read_requirements(Path(path)))
+
     def apt_install(self, *packages: str | Iterable[str]) -> Image:
         """Add Debian packages (docker runtime only; the process runtime refuses them clearly).
 
@@ -109,6 +126,15 @@ class Image:
         if not isinstance(path, str) or not path.startswith("/"):
             raise InvalidOptionError(f"Image.workdir() takes an absolute path, got {path!r}")
         return replace(self, working_dir=path)
+
+    def __getattr__(self, name: str) -> Any:
+        """Name the Image methods when a chain calls one that does not exist (``.pip_instal(...)``)."""
+        if name.startswith("__"):
+            raise AttributeError(name)
+        methods = sorted(n for n in dir(type(self)) if not n.startswith("_") and callable(getattr(type(self), n)))
+        close = difflib.get_close_matches(name, methods, n=1)
+        hint = f"did you mean .{close[0]}()? " if close else ""
+        raise AttributeError(f"df.Image has no method .{name}(): {hint}its methods are {', '.join(methods)}")
 
     def to_spec(self, default_python: str = "") -> ImageSpec:
         """The canonical wire spec (its hash is the image id); an unset Python becomes ``default_python``."""
@@ -157,3 +183,34 @@ def env_dict(values: object, option: str) -> dict[str, str]:
             raise InvalidOptionError(f"{option}: the value of {key} must be a str, got {type(value).__name__}")
         out[key] = value
     return out
+
+
+def read_requirements(path: Path, _seen: frozenset[Path] = frozenset()) -> tuple[str, ...]:
+    """The requirements in a requirements file, in order: comments and blanks dropped, ``-r FILE`` followed.
+
+    Other pip options (``-e``, ``--index-url``...) are refused: the image spec holds requirements only.
+    """
+    path = path.expanduser()
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise InvalidOptionError(f"Image.pip_install_from_requirements(): cannot read {path}: {exc}") from None
+    resolved = path.resolve()
+    if resolved in _seen:
+        raise InvalidOptionError(f"Image.pip_install_from_requirements(): {path} includes itself")
+    out: list[str] = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.split(" #", 1)[0].strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith(("-r ", "--requirement ")):
+            nested = Path(line.split(None, 1)[1].strip())
+            out.extend(read_requirements(resolved.parent / nested, _seen | {resolved}))
+            continue
+        if line.startswith("-"):
+            raise InvalidOptionError(
+                f"{path}:{number}: pip option {line.split()[0]!r} is not supported in an image's requirements "
+                "(list requirements only)"
+            )
+        out.append(line)
+    return tuple(out)

@@ -229,19 +229,24 @@ def redeploy(old: Release, *, env: str, steps: Steps, client: Client | None = No
     """Deploy an earlier release's exact content (spec, bundle, image) again as a new active release."""
     client = client or get_client()
     spec = old.spec
-    with steps.step(f"Deploying {spec.name} {old.release_id} again and starting replicas") as step:
+    with steps.step(f"Re-activating {spec.name} {old.release_id} and starting its replicas") as step:
         reply = client.run(
             _request_following_logs,
             client,
             _LogFollow(env, spec.name, None, step.update),
             subjects.API_DEPLOY,
             DeployRequest(
-                spec=spec, env=env, bundle_key=old.bundle_key, bundle_digest=old.bundle_digest, image_id=old.image_id
+                spec=spec,
+                env=env,
+                bundle_key=old.bundle_key,
+                bundle_digest=old.bundle_digest,
+                image_id=old.image_id,
+                activate_release=old.release_id,
             ),
             DeployReply,
             DEPLOY_TIMEOUT_S,
         )
-        step.finish(f"Release {reply.release.release_id} (the code of {old.release_id}) is active in {env}")
+        step.finish(f"Release {reply.release.release_id} of {spec.name} is active again in {env} (nothing built)")
     client.forget(spec.name, env)
     image = BuildResult(image_id=old.image_id, status="cached")
     bundle = Bundle(data=b"", digest=old.bundle_digest, files=())

@@ -20,7 +20,7 @@ from rich.json import JSON
 from rich.markup import escape
 from rich.table import Table
 
-from duanflow._cli import auth, dev
+from duanflow._cli import apps, auth, dev, secret
 from duanflow._cli.deploy import DeployOutcome, Steps, app_spec, deploy, redeploy
 from duanflow._cli.loader import Target, find_app, find_function, import_file
 from duanflow._cli.logs import check_kind, parse_since, read_logs, show_line
@@ -44,6 +44,7 @@ app = typer.Typer(
 )
 app.add_typer(dev.app, name="dev")
 app.add_typer(auth.app, name="auth")
+app.add_typer(secret.app, name="secret")
 
 Env = Annotated[
     str | None,
@@ -218,10 +219,10 @@ def rollback(
     env: Env = None,
     json_out: Json = False,
 ) -> None:
-    """Run APP's code of an earlier release again: its sources, image and options, as a new active release.
+    """Make an earlier release of APP active again: its own sources, image and options.
 
-    Releases are immutable, so a rollback deploys the chosen release's exact content once more (like
-    `modal app rollback`); nothing is rebuilt or re-uploaded.
+    Releases are immutable, so a rollback re-activates the chosen release itself: its replicas start, then
+    the current release's drain. Nothing is built or uploaded.
 
     ```
     duanflow rollback customer-ai-api --to rel_20260505_1842
@@ -245,7 +246,7 @@ def rollback(
             out.print_json(data={**outcome.to_dict(), "rolled_back_to": to}, ensure_ascii=False)
         else:
             _print_release(outcome)
-            out.print(f"{app_name} now runs the code of {to} (as release {outcome.release.release_id}).")
+            out.print(f"{app_name} is back on {outcome.release.release_id}.")
 
 
 @app.command()
@@ -259,8 +260,19 @@ def logs(
     since: Annotated[
         str | None,
         typer.Option(
-            "--since", help="Start this long ago (30m, 2h, 1d) or at a time (2026-05-05T18:42).", show_default=False
+            "--since", help="Start this long ago (30m, 2h, 7d) or at a time (2026-05-05T18:42).", show_default=False
         ),
+    ] = None,
+    until: Annotated[
+        str | None,
+        typer.Option("--until", help="Stop at this time (or this long ago: 10m).", show_default=False),
+    ] = None,
+    function: Annotated[
+        str | None, typer.Option("--function", help="Only lines of this function.", show_default=False)
+    ] = None,
+    search: Annotated[
+        str | None,
+        typer.Option("--search", help="Only lines containing this text (case-insensitive).", show_default=False),
     ] = None,
     env: Env = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
@@ -270,11 +282,15 @@ def logs(
     ```
     duanflow logs customer-ai-api --follow
     duanflow logs customer-ai-api --kind scheduler --since 30m
+    duanflow logs customer-ai-api --since 7d --function chat --search timeout
     ```
     """
     with errors_handled():
         check_kind(kind)
         start = parse_since(since) if since else None
+        end = parse_since(until, option="--until") if until else None
+        if start and end and end < start:
+            raise CliError(f"--until {until!r} is before --since {since!r}")
         client = get_client()
         env = env or client.env
         try:
@@ -283,7 +299,17 @@ def logs(
             raise CliError(f"app name {app_name!r}: {exc}") from None
         show = show_line(json_out=json_out)
         read = functools.partial(
-            read_logs, client, env=env, app=app_name, kind=kind, since=start, follow=follow, show=show
+            read_logs,
+            client,
+            env=env,
+            app=app_name,
+            kind=kind,
+            since=start,
+            until=end,
+            function=function,
+            search=search,
+            follow=follow,
+            show=show,
         )
         count = client.run(read)
         if not count and not json_out:
@@ -328,6 +354,9 @@ def _print_release(outcome: DeployOutcome) -> None:
         f"Call it: `duanflow run FILE::{first} ...` or "
         f"`df.Function.from_name({rel.app!r}, {first!r}).remote(...)`"
     )
+
+
+apps.register(app)
 
 
 def main() -> None:

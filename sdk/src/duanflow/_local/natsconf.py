@@ -84,6 +84,7 @@ ROLE_PERMISSIONS: dict[str, dict[str, list[str]]] = {
             f"$JS.API.CONSUMER.INFO.{QUEUE}.>",
             f"$JS.API.DIRECT.GET.{RESULTS_KV}.>",
             f"$JS.API.STREAM.MSG.GET.{RESULTS_KV}",
+            f"$JS.API.STREAM.MSG.GET.{LOGS}",  # duanflow logs: where the stream's part of an app starts
             f"$JS.ACK.{LOGS}.>",
         ],
         "subscribe": [INBOX],

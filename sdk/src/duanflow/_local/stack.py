@@ -365,6 +365,8 @@ def _service_env(name: str, state: StackState, creds: StackCredentials, extra: M
         env[prefix + "REPLICA_NATS_PASSWORD"] = creds.nats["agent"]
     if name == "builder":
         env[prefix + "WORK_DIR"] = str(Path(state.data_dir) / "builder")
+    if name == "router":  # seals stored secrets (AES-GCM); generated once per data dir
+        env[prefix + "SECRET_KEY"] = creds.secret_key
     if name != "agent":
         env.update(
             {

@@ -1,0 +1,65 @@
+"""Subscriptions whose messages are handled synchronously, inside nats-py's read loop.
+
+nats-py hands every message of a callback subscription to a per-subscription task through an ``asyncio.Queue``:
+one queue put, one task wake-up and one coroutine call per message. On the hot paths (results coming back to a
+caller, invocations reaching a replica) that hop costs as much as the rest of the handling, so these
+subscriptions swap the queue for an object that calls a plain function at once. The handler must not block
+and must not raise (an exception is logged and the message dropped, never propagated into the read loop).
+When nats-py's internals differ from what this expects, it falls back to an ordinary callback subscription.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from nats.aio.msg import Msg
+
+log = logging.getLogger("duanflow.inbox")
+
+
+class _DirectQueue:
+    """Stands in for the subscription's pending queue: ``put_nowait`` runs the handler."""
+
+    __slots__ = ("_handler", "_sub")
+
+    def __init__(self, sub: Any, handler: Callable[[Msg], None]) -> None:
+        self._sub = sub
+        self._handler = handler
+
+    def put_nowait(self, msg: Msg) -> None:
+        self._sub._pending_size -= len(msg.data)
+        try:
+            self._handler(msg)
+        except Exception:
+            log.exception("handler of %s failed; message dropped", msg.subject)
+
+    def empty(self) -> bool:
+        return True
+
+    def qsize(self) -> int:
+        return 0
+
+    def task_done(self) -> None:
+        return None
+
+    async def join(self) -> None:
+        return None
+
+
+async def subscribe_direct(nc: Any, subject: str, handler: Callable[[Msg], None]) -> Any:
+    """Subscribe ``handler`` (a plain function) to ``subject``; returns the nats-py subscription."""
+    sub = await nc.subscribe(subject, pending_bytes_limit=0)
+    if hasattr(sub, "_pending_queue") and hasattr(sub, "_pending_size") and getattr(sub, "_cb", None) is None:
+        sub._pending_queue = _DirectQueue(sub, handler)
+        return sub
+    await sub.unsubscribe()
+
+    async def cb(msg: Msg) -> None:
+        try:
+            handler(msg)
+        except Exception:
+            log.exception("handler of %s failed; message dropped", msg.subject)
+
+    return await nc.subscribe(subject, cb=cb)
