@@ -1,0 +1,124 @@
+"""The gateway's NATS invoker with a stand-in connection: PubAck, heartbeats, streams, and the statuses a caller
+gets when the stream refuses the call (503), the replica goes silent mid-request (502) or the deadline passes (504)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from duanflow_gateway.adapters import nats as gw_nats
+from duanflow_gateway.domain import BadGatewayError
+from duanflow_proto import codec
+from duanflow_proto.errors import DeadlineExceededError, UnavailableError
+from duanflow_proto.messages.invocation import Invocation, Result
+
+pytestmark = pytest.mark.timeout(10)
+
+
+@dataclass
+class Msg:
+    subject: str
+    data: bytes = b""
+    headers: dict[str, str] | None = None
+
+
+@dataclass
+class FakeNats:
+    published: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
+    sent: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def new_inbox(self) -> str:
+        return "_INBOX.gw"
+
+    async def subscribe(self, subject: str, **kwargs: Any) -> Any:
+        return FakeSub()
+
+    async def publish(self, subject: str, data: bytes, reply: str = "", headers: dict[str, str] | None = None) -> None:
+        self.published.append((subject, reply, headers or {}))
+        self.sent.set()
+
+
+class FakeSub:
+    _cb = None
+    _pending_size = 0
+    _pending_queue: Any = None
+
+    async def unsubscribe(self) -> None:
+        return None
+
+
+async def started() -> tuple[gw_nats.NatsInvoker, FakeNats]:
+    nc = FakeNats()
+    inv = gw_nats.NatsInvoker(nc, None)  # type: ignore[arg-type]
+    await inv.start()
+    return inv, nc
+
+
+def result(**fields: Any) -> bytes:
+    return codec.encode(Result(call_id="fc-1", ok=True, codec="json", value=b"1", **fields))
+
+
+async def test_ack_then_result() -> None:
+    inv, nc = await started()
+    task = asyncio.ensure_future(inv.invoke("duanflow.inv.e.a.f", Invocation(call_id="fc-1", function="f"), 5))
+    await nc.sent.wait()
+    _, reply, headers = nc.published[0]
+    assert reply == "_INBOX.gw.fc-1.ack" and headers["Df-Reply"] == "_INBOX.gw.fc-1"
+    inv._on_result(Msg(reply, b'{"stream":"DUANFLOW_INV","seq":1}'))  # type: ignore[arg-type]
+    inv._on_result(Msg("_INBOX.gw.fc-1", result(heartbeat=True, final=False)))  # type: ignore[arg-type]
+    inv._on_result(Msg("_INBOX.gw.fc-1", result()))  # type: ignore[arg-type]
+    got = await task
+    assert got.ok and got.value == b"1" and inv.in_flight == 0
+
+
+async def test_no_stream_is_503() -> None:
+    inv, nc = await started()
+    task = asyncio.ensure_future(inv.invoke("duanflow.inv.e.a.f", Invocation(call_id="fc-1", function="f"), 5))
+    await nc.sent.wait()
+    inv._on_result(Msg("_INBOX.gw.fc-1.ack", b"", {"Status": "503"}))  # type: ignore[arg-type]
+    with pytest.raises(UnavailableError):
+        await task
+
+
+async def test_deadline_is_504() -> None:
+    inv, _ = await started()
+    with pytest.raises(DeadlineExceededError):
+        await inv.invoke("duanflow.inv.e.a.f", Invocation(call_id="fc-1", function="f"), 0.05)
+    assert inv.in_flight == 0
+
+
+async def test_silent_replica_after_a_heartbeat_is_502(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gw_nats, "LIVENESS_S", 0.05)
+    inv, nc = await started()
+    task = asyncio.ensure_future(inv.invoke("duanflow.inv.e.a.f", Invocation(call_id="fc-1", function="f"), 5))
+    await nc.sent.wait()
+    inv._on_result(Msg("_INBOX.gw.fc-1.ack", b'{"stream":"S","seq":1}'))  # type: ignore[arg-type]
+    inv._on_result(Msg("_INBOX.gw.fc-1", result(heartbeat=True, final=False)))  # type: ignore[arg-type]
+    with pytest.raises(BadGatewayError):
+        await task
+
+
+async def test_stream_stays_open_until_closed() -> None:
+    inv, nc = await started()
+    task = asyncio.ensure_future(inv.invoke("duanflow.inv.e.a.f", Invocation(call_id="fc-1", function="f"), 5))
+    await nc.sent.wait()
+    inv._on_result(Msg("_INBOX.gw.fc-1.ack", b'{"stream":"S","seq":1}'))  # type: ignore[arg-type]
+    inv._on_result(Msg("_INBOX.gw.fc-1", result(stream=True, final=False)))  # type: ignore[arg-type]
+    inv._on_result(Msg("_INBOX.gw.fc-1", result(stream=True, final=True, seq=1)))  # type: ignore[arg-type]
+    first = await task
+    assert first.stream and not first.final and inv.in_flight == 1
+    last = await inv.next("fc-1")
+    assert last.final
+    inv.close("fc-1")
+    assert inv.in_flight == 0
+
+
+async def test_garbage_result_is_502() -> None:
+    inv, nc = await started()
+    task = asyncio.ensure_future(inv.invoke("duanflow.inv.e.a.f", Invocation(call_id="fc-1", function="f"), 5))
+    await nc.sent.wait()
+    inv._on_result(Msg("_INBOX.gw.fc-1", b"\x00garbage"))  # type: ignore[arg-type]
+    with pytest.raises(BadGatewayError):
+        await task
