@@ -17,7 +17,7 @@ import re
 import sys
 from pathlib import Path
 
-from duanflow._local.natsconf import ROLE_PERMISSIONS
+from duanflow._local.natsconf import ROLE_PERMISSIONS, ROLE_PUBLISH_DENY
 from duanflow_kit.streams import KV_TTLS, stream_configs
 from duanflow_proto import subjects
 
@@ -87,12 +87,13 @@ def nats_layout() -> str:
 
 def nats_roles() -> str:
     """The NATS users and what each may publish and subscribe to, as Markdown."""
-    out = ["| role | may publish | may subscribe |", "|---|---|---|"]
+    out = ["| role | may publish | may not publish | may subscribe |", "|---|---|---|---|"]
     for role in sorted(ROLE_PERMISSIONS):
         perms = ROLE_PERMISSIONS[role]
         pub = ", ".join(f"`{s}`" for s in perms["publish"])
         sub = ", ".join(f"`{s}`" for s in perms["subscribe"])
-        out.append(f"| `{role}` | {pub} | {sub} |")
+        deny = ", ".join(f"`{s}`" for s in ROLE_PUBLISH_DENY.get(role, [])) or "—"
+        out.append(f"| `{role}` | {pub} | {deny} | {sub} |")
     out += ["", "Every role may also answer the requests it receives (`allow_responses`)."]
     return "\n".join(out) + "\n"
 

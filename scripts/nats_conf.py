@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from duanflow._local.natsconf import ROLE_PERMISSIONS
+from duanflow._local.natsconf import ROLE_PERMISSIONS, ROLE_PUBLISH_DENY
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF_PATH = ROOT / "docker" / "nats" / "nats.conf"
@@ -37,7 +37,8 @@ def render() -> str:
                     f"      user: {json.dumps(role)}",
                     f"      password: ${password_var(role)}",
                     "      permissions: {",
-                    f"        publish: {{ allow: {json.dumps(perms['publish'])} }}",
+                    f"        publish: {{ allow: {json.dumps(perms['publish'])}, "
+                    f"deny: {json.dumps(ROLE_PUBLISH_DENY.get(role, []))} }}",
                     f"        subscribe: {{ allow: {json.dumps(perms['subscribe'])} }}",
                     "        allow_responses: true",
                     "      }",

@@ -103,6 +103,17 @@ def test_quickstart_deploy_run_remote_down(tmp_path: Path) -> None:
         assert "✗" in refused.stderr and "H100" in refused.stderr
         assert "Traceback" not in refused.stdout + refused.stderr
 
+        # live prices as the product page sets them; a nonsense price is refused before it is sent
+        priced = cli(home, "price", "set", "local-h100", "1.85", "--json", timeout=60)
+        assert priced.returncode == 0, priced.stdout + priced.stderr
+        assert {"pool": "local-h100", "price_per_gpu_hour": 1.85}.items() <= json.loads(priced.stdout)["prices"][
+            0
+        ].items()
+        listed_prices = json.loads(cli(home, "price", "list", "--json", timeout=60).stdout)["prices"]
+        assert [p["pool"] for p in listed_prices] == ["local-h100"]
+        bad_price = cli(home, "price", "set", "local-h100", "-- -3", timeout=60)
+        assert bad_price.returncode != 0 and "Traceback" not in bad_price.stderr
+
         before = stack_pids(data, state)
         assert len(before) >= 9  # 3 servers, 5 services, at least one replica
         down = cli(home, "dev", "down", "--data-dir", data, timeout=120)

@@ -229,7 +229,7 @@ def test_nats_conf_is_current_and_clustered_with_jetstream() -> None:
     for role in ROLES:
         assert f'user: "{role}"' in text
         assert f"password: $DUANFLOW_NATS_{role.upper()}_PASSWORD" in text
-    assert 'publish: { allow: [">"] }' in text.split('user: "service"')[1].split("}")[0] + "}"
+    assert 'publish: { allow: [">"], deny: [] }' in text.split('user: "service"')[1].split("}")[0] + "}"
     client = text.split('user: "client"')[1].split('user: "service"')[0]
     assert '">"' not in client, "the client role is scoped, not open"
 

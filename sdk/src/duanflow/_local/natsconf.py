@@ -91,6 +91,21 @@ ROLE_PERMISSIONS: dict[str, dict[str, list[str]]] = {
     },
 }
 
+# Replicas run user code with the agent's credentials: the control calls that change the platform (deploys,
+# secrets, prices, stopping apps) are denied to that role even though it may call the read-only ones.
+ROLE_PUBLISH_DENY: dict[str, list[str]] = {
+    "agent": [
+        subjects.API_DEPLOY,
+        subjects.API_BUNDLE_UPLOAD,
+        subjects.API_SECRET_CREATE,
+        subjects.API_SECRET_LIST,
+        subjects.API_SECRET_DELETE,
+        subjects.API_APP_STOP,
+        subjects.API_PRICE_SET,
+        subjects.BUILD_START,
+    ],
+}
+
 
 def render(
     *,
@@ -110,7 +125,7 @@ def render(
                 "user": role,
                 "password": password,
                 "permissions": {
-                    "publish": {"allow": perms["publish"]},
+                    "publish": {"allow": perms["publish"], "deny": ROLE_PUBLISH_DENY.get(role, [])},
                     "subscribe": {"allow": perms["subscribe"]},
                     "allow_responses": True,
                 },
