@@ -80,8 +80,10 @@ nats-conf: $(SYNCED) ## write docker/nats/nats.conf (per-role NATS users) from t
 docs: $(SYNCED) ## regenerate the generated sections of docs/ARCHITECTURE.md (NATS layout, roles)
 	$(BIN)/python scripts/arch_doc.py
 
-bench: $(SYNCED) ## NATS request/reply floor vs warm .remote() on the local stack (JSON lines)
-	$(BIN)/python bench/remote_latency.py $(BENCH_ARGS)
+BENCHES ?= remote_latency map_throughput cold_start router_sim gateway logs
+
+bench: $(SYNCED) ## every benchmark (BENCHES=...), each printing JSON lines with its floor measured in the same run
+	@for b in $(BENCHES); do echo "== bench/$$b.py" >&2; $(BIN)/python bench/$$b.py $(BENCH_ARGS); done
 
 up: ## start the docker-compose stack (writes ~/.duanflow/compose.env with fresh secrets once)
 	@command -v docker >/dev/null || { echo "make up needs docker with the compose plugin" >&2; exit 1; }
