@@ -312,3 +312,25 @@ def test_runtime_loads_the_example_by_module_name(monkeypatch: pytest.MonkeyPatc
     assert target.raw_f("我的模型接口超时了")["label"] == "timeout"
     with pytest.raises(LookupError, match="no function 'nope'"):
         load_target(RuntimeConfig.from_env({**env, "DUANFLOW_FUNCTION": "nope"}))
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"gpu": "A100:80GB:2"}, (["A100-80G"], 2, 80 * 1024, 0)),
+        ({"gpu": "H100", "memory": "24GB..80GB"}, (["H100"], 1, 24 * 1024, 80 * 1024)),
+        ({"gpu": ["H100", "A100-40G", "L40S"], "memory": "48Gi+"}, (["H100", "L40S"], 1, 48 * 1024, 0)),
+        ({"gpu": "H100", "memory": "80Gi"}, (["H100"], 1, 80 * 1024, 0)),
+    ],
+)
+def test_decorator_takes_the_router_gpu_spec_forms(
+    options: dict[str, Any], expected: tuple[list[str], int, int, int]
+) -> None:
+    app = df.App("gpuspec-forms")
+
+    @app.function(**options)
+    def f(x: int) -> int:
+        return x
+
+    spec = f.spec
+    assert (spec.gpu, spec.gpu_count, spec.gpu_memory_mb, spec.gpu_memory_max_mb) == expected
