@@ -9,13 +9,15 @@ import sys
 import traceback
 from pathlib import Path
 
+from duanflow import _telemetry
+from duanflow._runtime import logcapture
 from duanflow._runtime.config import ConfigError, RuntimeConfig
 from duanflow._runtime.worker import load_target, serve
 
 
 def main() -> int:
     """Run the replica; exit 0 after a SIGTERM drain, 1 when the code cannot be loaded, 2 on bad config."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logcapture.install(logging.INFO)
     try:
         config = RuntimeConfig.from_env()
     except ConfigError as exc:
@@ -33,6 +35,7 @@ def main() -> int:
             file=sys.stderr,
         )
         return 1
+    _telemetry.setup_from_env(f"duanflow-replica-{config.app}")
     try:
         asyncio.run(serve(config, target))
     except Exception:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import importlib
 import inspect
@@ -14,7 +15,7 @@ import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import cloudpickle
 import msgspec
@@ -31,12 +32,30 @@ from duanflow_proto.errors import (
     PayloadTooLargeError,
 )
 from duanflow_proto.messages.common import Ack, ErrorReply
-from duanflow_proto.messages.invocation import CODEC_CLOUDPICKLE, CODEC_JSON, HDR_CALL_ID, HDR_REPLY, Invocation, Result
+from duanflow_proto.messages.invocation import (
+    CODEC_CLOUDPICKLE,
+    CODEC_JSON,
+    HDR_CALL_ID,
+    HDR_REPLY,
+    Invocation,
+    InvocationBatch,
+    Result,
+    ResultBatch,
+)
 from duanflow_proto.messages.release import FunctionSpec
 from nats.aio.msg import Msg
 
+from duanflow import _telemetry
 from duanflow._app import find_app
+from duanflow._payload import INLINE_MAX
+from duanflow._payload import fetch as fetch_payload
+from duanflow._payload import store as store_payload
+from duanflow._runtime.batch import BatchRunner, decode_input, pickle_value
 from duanflow._runtime.config import RuntimeConfig
+from duanflow._runtime.http_calls import handle_http, is_http_target
+from duanflow._runtime.inline import Gate, InlineTimeout, Watchdog, raw_publish
+from duanflow._runtime.pull import Puller
+from duanflow._runtime.stream import run_generator
 
 log = logging.getLogger("duanflow.runtime")
 
@@ -47,12 +66,35 @@ RETRYABLE_CODES: Final = frozenset({"remote_error", "function_timeout"})
 """Failures of the user's code that ``retries=`` covers (not garbage input, which no retry can fix)."""
 
 
+PREFETCH: Final = 8
+"""Messages a replica pulls ahead of its free slots while every call it ran lately was fast (inline)."""
+HEARTBEAT_FRACTION: Final = 3
+"""Inputs running longer than ``ack_wait / 3`` tell JetStream they are in progress that often (their lease)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     """The user's callable and its spec, as found in the imported module."""
 
     raw_f: Callable[..., Any]
     spec: FunctionSpec
+    instance: Any = None
+    """For lifecycle classes (``@app.cls``): the replica's one instance, its ``@df.enter`` hooks already run."""
+
+    def method(self, name: str) -> Callable[..., Any]:
+        """The callable an invocation names: the function itself, or a ``@df.method`` of the instance."""
+        if self.instance is None:
+            if name:
+                raise InvalidInputError(f"{self.spec.name} is a function, not a class: it has no method {name!r}")
+            return self.raw_f
+        from duanflow._cls import method_names
+
+        if name not in method_names(type(self.instance)):
+            raise InvalidInputError(
+                f"{self.spec.name} has no @df.method named {name!r} "
+                f"(it has {', '.join(sorted(method_names(type(self.instance)))) or 'none'})"
+            )
+        return getattr(self.instance, name)  # type: ignore[no-any-return]
 
 
 def load_target(config: RuntimeConfig) -> Target:
@@ -66,6 +108,10 @@ def load_target(config: RuntimeConfig) -> Target:
             f"app {config.app!r} in module {config.module!r} has no function {config.function!r}"
             f" (it has {', '.join(sorted(registry)) or 'none'})"
         )
+    if fn.spec.kind == "cls":
+        from duanflow._cls import instantiate
+
+        return Target(raw_f=fn.raw_f, spec=fn.spec, instance=instantiate(cast(type, fn.raw_f)))
     return Target(raw_f=fn.raw_f, spec=fn.spec)
 
 
@@ -81,14 +127,83 @@ class Worker:
         self._nc: Any = None
         self._js: Any = None
         self._results_kv: Any = None
-        self._slots = asyncio.Semaphore(config.concurrency)
+        self._busy = 0
+        self._backlog: collections.deque[Msg] = collections.deque()
+        """Messages pulled ahead of a free slot (only while the function's calls are fast: see ``_free``)."""
+        """Messages being run (each takes one of ``concurrency`` slots)."""
+        self._tg: asyncio.TaskGroup | None = None
+        self._puller: Puller | None = None
+        self._wake = asyncio.Event()
+        self._running: dict[int, tuple[Msg, float]] = {}
+        """Messages being run, with when they started, for in_progress() heartbeats."""
+        self._ack_wait_s = 30.0
+        self._callables: dict[str, tuple[Callable[..., Any], bool, bool]] = {}
         self._executor = _executor(config.concurrency)
+        self._gates: dict[str, Gate] = {}
+        """Per method: whether its sync calls are fast enough to run on the loop thread."""
+        self._watchdog = Watchdog()
+        self.takes_request = is_http_target(target.raw_f)
+        """True when the function wants the df.Request of HTTP calls (else the body's fields as kwargs)."""
+
+    def _replace_executor(self) -> None:
+        """After a timed-out sync call: its thread cannot be stopped, so new inputs get a fresh pool."""
+        self._executor.shutdown(wait=False)
+        self._executor = _executor(self.config.concurrency)
 
     def stop(self) -> None:
         """Stop pulling; inputs in flight finish (SIGTERM)."""
         if not self.stopping.is_set():
             log.info("replica %s stopping: finishing inputs in flight", self.config.replica_id)
             self.stopping.set()
+            if self._puller is not None:
+                self._puller.drain()
+            self._wake.set()
+
+    def _callable(self, method: str) -> tuple[Callable[..., Any], bool, bool]:
+        """The callable for ``method`` (empty: the function), whether it is async, whether it is a generator."""
+        found = self._callables.get(method)
+        if found is None:
+            fn = self.target.method(method)
+            found = (
+                fn,
+                inspect.iscoroutinefunction(fn),
+                inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn),
+            )
+            self._callables[method] = found
+        return found
+
+    def _on_msg(self, msg: Msg) -> None:
+        """A pulled message (in the read loop): start it, or hand it back at once when stopping."""
+        tg = self._tg
+        if tg is None or self.stopping.is_set():
+            # Draining: hand it back at once (no delay), so another replica runs it now rather than after ack_wait.
+            if tg is not None:
+                tg.create_task(msg.nak())
+            self._wake.set()
+            return
+        if self._busy < self.config.concurrency:
+            self._busy += 1
+            tg.create_task(self._run_one(msg))
+        else:
+            self._backlog.append(msg)
+
+    def _free(self) -> int:
+        """Messages this replica can take now: its free slots, plus a few queued ones while its calls are fast."""
+        gates = self._gates
+        fast = bool(gates) and all(g.inline for g in gates.values())
+        capacity = self.config.concurrency + (PREFETCH if fast else 0)
+        return capacity - self._busy - len(self._backlog)
+
+    async def _heartbeats(self) -> None:
+        """Keep the lease of long inputs: ``in_progress()`` for each running longer than ``ack_wait / 3``."""
+        every = max(0.2, self._ack_wait_s / HEARTBEAT_FRACTION)
+        while True:
+            await asyncio.sleep(every)
+            now = time.monotonic()
+            for msg, started in list(self._running.values()):
+                if now - started >= every:
+                    with contextlib.suppress(Exception):
+                        await msg.in_progress()
 
     async def run(self) -> None:
         """Connect, bind the consumer, announce readiness, serve until :meth:`stop`, drain, disconnect."""
@@ -107,13 +222,15 @@ class Worker:
         try:
             self._js = self._nc.jetstream()
             try:
-                await self._js.consumer_info(cfg.stream, cfg.consumer)
+                info = await self._js.consumer_info(cfg.stream, cfg.consumer)
+                self._ack_wait_s = float(info.config.ack_wait or self._ack_wait_s)
             except nats.js.errors.NotFoundError:
                 raise NotFoundError(
                     f"consumer {cfg.consumer!r} does not exist on stream {cfg.stream!r}: "
                     "the router creates it when the app is deployed"
                 ) from None
-            psub = await self._js.pull_subscribe_bind(durable=cfg.consumer, stream=cfg.stream)
+            puller = self._puller = Puller(self._nc, cfg.stream, cfg.consumer, self._on_msg, on_closed=self._wake.set)
+            await puller.start()
             if self.simulated:
                 print(
                     f"note: {cfg.function} runs on a simulated {self._gpu_label()} (no GPU on this machine)", flush=True
@@ -122,26 +239,31 @@ class Worker:
             await self._nc.flush()
             log.info("replica %s ready: %s.%s from %s", cfg.replica_id, cfg.app, cfg.function, cfg.consumer)
             async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                beats = tg.create_task(self._heartbeats())
                 while not self.stopping.is_set():
-                    await self._slots.acquire()
-                    if self.stopping.is_set():
-                        self._slots.release()
-                        break
                     try:
-                        msgs = await psub.fetch(1, timeout=FETCH_TIMEOUT_S)
-                    except (TimeoutError, nats.errors.TimeoutError):
-                        self._slots.release()
-                        continue
+                        await puller.top_up(self._free())
                     except Exception as exc:
-                        self._slots.release()
                         log.warning("pull from %s failed: %s", cfg.consumer, exc)
-                        await _wait(self.stopping, FETCH_TIMEOUT_S)
-                        continue
-                    for msg in msgs:
-                        tg.create_task(self._run_one(msg))
+                    self._wake.clear()
+                    await _wait(self._wake, min(FETCH_TIMEOUT_S, puller.next_expiry() + 0.05))
+                # Draining: no new pull requests, and the server delivers nothing more on the open ones (their
+                # inbox loses its interest there first; what was already on its way still arrives and is handed
+                # back at once). Queued inputs are handed back too; those in flight finish. A fallback when the
+                # withdrawal cannot be confirmed: keep the inbox until the open requests run out.
+                puller.drain()
+                withdrawn = await puller.withdraw(CONNECT_TIMEOUT_S)
+                while self._backlog:
+                    await self._backlog.popleft().nak()
+                while self._busy or (not withdrawn and puller.owed()):
+                    self._wake.clear()
+                    wait = FETCH_TIMEOUT_S if self._busy else min(FETCH_TIMEOUT_S, puller.drained_by() + 0.05)
+                    await _wait(self._wake, wait)
+                with contextlib.suppress(Exception):
+                    await puller.stop()
+                beats.cancel()
             log.info("replica %s drained", cfg.replica_id)
-            with contextlib.suppress(Exception):
-                await psub.unsubscribe()
         finally:
             # Not nc.drain(): it waits for the pull subscription's queue, which nothing reads any more.
             with contextlib.suppress(Exception):
@@ -150,12 +272,28 @@ class Worker:
                 await self._nc.close()
 
     async def _run_one(self, msg: Msg) -> None:
+        key = id(msg)
+        self._running[key] = (msg, time.monotonic())
         try:
-            await self.handle(msg)
+            with _telemetry.serving(msg, self.config.function):
+                await self.handle(msg)
         except Exception:
             log.exception("input on %s could not be handled", msg.subject)
         finally:
-            self._slots.release()
+            del self._running[key]
+            self._busy -= 1
+            if self.stopping.is_set():
+                self._wake.set()
+            else:
+                if self._backlog and self._tg is not None:
+                    self._busy += 1
+                    self._tg.create_task(self._run_one(self._backlog.popleft()))
+                if self._puller is not None:
+                    # Re-offer the slot now: the pull request leaves in the same flush as the result and the ack.
+                    try:
+                        await self._puller.top_up(self._free())
+                    except Exception:
+                        self._wake.set()
 
     async def handle(self, msg: Msg) -> None:
         """Run one invocation message: answer its caller (``Df-Reply``), then ack (or term garbage)."""
@@ -163,14 +301,30 @@ class Worker:
         reply = headers.get(HDR_REPLY, "")
         started = time.monotonic()
         try:
-            inv = codec.decode(msg.data, Invocation)
+            decoded = codec.decode(msg.data, Invocation | InvocationBatch)  # type: ignore[arg-type]
         except InvalidInputError as exc:
             log.warning("malformed invocation on %s: %s", msg.subject, exc.message)
             if reply:
                 await self._answer(reply, Result(call_id=headers.get(HDR_CALL_ID, ""), ok=False, error=exc.to_reply()))
             await msg.term()
             return
+        if isinstance(decoded, InvocationBatch):
+            await self._handle_batch(msg, decoded, reply)
+            return
+        inv: Invocation = decoded
+        if inv.codec == CODEC_JSON:
+            # HTTP calls from the gateway: request object, streaming, heartbeats (duanflow._runtime.http_calls).
+            if inv.deadline_ms and time.time() * 1000 > inv.deadline_ms:
+                log.warning("call %s of %s arrived after its deadline: skipped", inv.call_id, self.config.function)
+                await msg.term()
+                return
+            await handle_http(self, msg, inv, reply, started)
+            return
         try:
+            if inv.payload_ref:
+                inv = msgspec.structs.replace(
+                    inv, args=await fetch_payload(self._nc, inv.payload_ref), payload_ref=None
+                )
             args, kwargs = self._arguments(inv)
         except DuanFlowError as exc:
             if reply:
@@ -182,7 +336,7 @@ class Worker:
             log.warning("call %s of %s arrived after its deadline: skipped", inv.call_id, self.config.function)
             await msg.term()
             return
-        result = await self._execute(inv, args, kwargs, started)
+        result = await self._execute(inv, args, kwargs, started, reply)
         delay = self._retry_delay(msg, result)
         if delay is not None:
             # The caller keeps waiting: it hears only the last attempt's outcome.
@@ -195,7 +349,7 @@ class Worker:
             await self._answer(reply, result)
         if inv.keep_result:
             await self._keep(inv.call_id, result)
-        await msg.ack()
+        await self._ack(msg)
 
     def _retry_delay(self, msg: Msg, result: Result) -> float | None:
         """Seconds before the next attempt when the function failed and has retries left, else None."""
@@ -211,12 +365,10 @@ class Worker:
         return float(min(spec.retry_max_delay_s, spec.retry_initial_delay_s * spec.retry_backoff ** (attempt - 1)))
 
     def _arguments(self, inv: Invocation) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        if inv.payload_ref:
-            raise InvalidInputError(f"call {inv.call_id}: arguments stored at {inv.payload_ref} are not supported yet")
+        if inv.codec == CODEC_CLOUDPICKLE:
+            return decode_input(inv.args, self.config.function, inv.python)
         try:
-            if inv.codec == CODEC_CLOUDPICKLE:
-                args, kwargs = cloudpickle.loads(inv.args) if inv.args else ((), {})
-            elif inv.codec == CODEC_JSON:
+            if inv.codec == CODEC_JSON:
                 body = msgspec.json.decode(inv.args) if inv.args else {}
                 args, kwargs = body.get("args", []), body.get("kwargs", {})
             else:
@@ -233,25 +385,58 @@ class Worker:
             raise InvalidInputError(f"call {inv.call_id}: arguments must be (args, kwargs)")
         return tuple(args), kwargs
 
-    async def _execute(self, inv: Invocation, args: tuple[Any, ...], kwargs: dict[str, Any], started: float) -> Result:
-        fn = self.target.raw_f
-        timeout = self.config.timeout_s
+    async def _execute(
+        self, inv: Invocation, args: tuple[Any, ...], kwargs: dict[str, Any], started: float, reply: str = ""
+    ) -> Result:
         try:
-            if self.is_async:
+            fn, is_async, is_gen = self._callable(inv.method)
+        except DuanFlowError as exc:
+            return self._error(inv, exc.to_reply(), started)
+        timeout = self.config.timeout_s
+        ran_inline = False
+        if is_gen:
+            try:
+                gen = fn(*args, **kwargs)
+            except Exception as exc:
+                return self._error(inv, remote_error(exc), started)
+            return await run_generator(self, inv, reply, gen, started)
+        try:
+            if is_async:
                 value = await asyncio.wait_for(fn(*args, **kwargs), timeout)
             else:
                 loop = asyncio.get_running_loop()
-                value = await asyncio.wait_for(loop.run_in_executor(self._executor, _call, fn, args, kwargs), timeout)
+                gate = self._gates.get(inv.method)
+                if gate is None:
+                    gate = self._gates[inv.method] = Gate()
+                t0 = time.monotonic()
+                ran_inline = gate.inline
+                if ran_inline:
+                    try:
+                        value = self._watchdog.call(fn, args, kwargs, timeout, self._stuck_reporter(inv, reply))
+                    except InlineTimeout:
+                        gate.record(timeout)
+                        raise TimeoutError from None
+                    except BaseException:
+                        gate.record(time.monotonic() - t0)
+                        raise
+                else:
+                    try:
+                        value = await asyncio.wait_for(
+                            loop.run_in_executor(self._executor, _call, fn, args, kwargs), timeout
+                        )
+                    except BaseException:
+                        gate.record(time.monotonic() - t0)
+                        raise
+                gate.record(time.monotonic() - t0)
         except TimeoutError:
             err = FunctionTimeoutError(
                 f"{self.config.function} ran past its timeout of {timeout:g}s",
                 details={"call_id": inv.call_id, "timeout_s": f"{timeout:g}"},
             )
-            if not self.is_async:
+            if not is_async and not ran_inline:
                 # A thread cannot be stopped: leave it to finish on the old pool, give new inputs a fresh one.
                 log.warning("call %s timed out; its thread runs on, detached", inv.call_id)
-                self._executor.shutdown(wait=False)
-                self._executor = _executor(self.config.concurrency)
+                self._replace_executor()
             return self._error(inv, err.to_reply(), started)
         except Exception as exc:
             return self._error(inv, remote_error(exc), started)
@@ -259,21 +444,93 @@ class Worker:
             if inv.codec == CODEC_JSON:
                 data, out_codec = msgspec.json.encode(value), CODEC_JSON
             else:
-                data, out_codec = cloudpickle.dumps(value), CODEC_CLOUDPICKLE
+                data, out_codec = pickle_value(value), CODEC_CLOUDPICKLE
         except Exception as exc:
             bad = DeserializationError(
                 f"the return value of {self.config.function} ({type(value).__name__}) cannot be serialized: {exc}"
             )
             return self._error(inv, bad.to_reply(), started)
+        ref = None
+        if len(data) > INLINE_MAX and out_codec == CODEC_CLOUDPICKLE:
+            try:
+                ref, data = await store_payload(self._nc, data), b""
+            except DuanFlowError as exc:
+                return self._error(inv, exc.to_reply(), started)
         return Result(
             call_id=inv.call_id,
             ok=True,
             value=data,
+            payload_ref=ref,
             codec=out_codec,
             replica_id=self.config.replica_id,
             simulated_gpu=self.simulated,
             duration_us=int((time.monotonic() - started) * 1e6),
         )
+
+    async def _handle_batch(self, msg: Msg, batch: InvocationBatch, reply: str) -> None:
+        """Run the inputs of one slice of a ``.map()``; answer all of them in one message, then ack."""
+        if batch.deadline_ms and time.time() * 1000 > batch.deadline_ms:
+            log.warning("batch of %s arrived after its deadline: skipped", batch.call_id)
+            await msg.term()
+            return
+        try:
+            fn, is_async, is_gen = self._callable(batch.function.partition(".")[2])
+            if is_gen:
+                raise InvalidInputError(f"{self.config.function} is a generator: .map() takes plain functions")
+        except DuanFlowError as exc:
+            failed = Result(call_id=batch.call_id, ok=False, error=exc.to_reply(), replica_id=self.config.replica_id)
+            results = [failed] * len(batch.inputs)
+        else:
+            results = await BatchRunner(self, batch, fn, is_async).run()
+        if reply:
+            await self._answer_batch(reply, batch.call_id, batch.first_index, results)
+        await self._ack(msg)
+
+    async def _ack(self, msg: Msg) -> None:
+        """Ack a finished input; unless stopping, ask for the next one in the same message."""
+        if self._puller is None or self.stopping.is_set() or not msg.reply:
+            await msg.ack()
+            return
+        await self._puller.ack_next(msg, self._free() + 1)
+
+    async def _answer_batch(self, reply: str, call_id: str, first: int, results: list[Result]) -> None:
+        """Publish the results of a batch, split over several messages when they are too big for one."""
+        data = codec.encode(ResultBatch(call_id=call_id, first_index=first, results=results))
+        if len(data) > self._nc.max_payload and len(results) > 1:
+            half = len(results) // 2
+            await self._answer_batch(reply, call_id, first, results[:half])
+            await self._answer_batch(reply, call_id, first + half, results[half:])
+            return
+        if len(data) > self._nc.max_payload:
+            too_large = PayloadTooLargeError(
+                f"the result of {self.config.function} is {len(data) / 2**20:.1f} MiB, over the "
+                f"{self._nc.max_payload / 2**20:.1f} MiB a message can carry: return a smaller value "
+                "or write it to storage and return its key"
+            )
+            failed = Result(call_id=call_id, ok=False, error=too_large.to_reply(), replica_id=self.config.replica_id)
+            data = codec.encode(ResultBatch(call_id=call_id, first_index=first, results=[failed]))
+        try:
+            await self._nc.publish(reply, data, headers=_telemetry.result_headers())
+        except Exception as exc:
+            log.warning("could not answer %s: %s", reply, exc)
+
+    def _stuck_reporter(self, inv: Invocation, reply: str) -> Callable[[], None]:
+        """What the watchdog does for an inline call blocked past its timeout: tell the caller, on its own line."""
+
+        def report() -> None:
+            if not reply:
+                return
+            err = FunctionTimeoutError(
+                f"{self.config.function} ran past its timeout of {self.config.timeout_s:g}s",
+                details={"call_id": inv.call_id, "timeout_s": f"{self.config.timeout_s:g}"},
+            )
+            data = codec.encode(
+                Result(call_id=inv.call_id, ok=False, error=err.to_reply(), replica_id=self.config.replica_id)
+            )
+            cfg = self.config
+            raw_publish(cfg.nats_url, cfg.nats_user, cfg.nats_password, [(reply, data)])
+
+        return report
 
     def _error(self, inv: Invocation, error: ErrorReply, started: float) -> Result:
         return Result(
@@ -297,7 +554,7 @@ class Worker:
                 Result(call_id=result.call_id, ok=False, error=too_large.to_reply(), replica_id=self.config.replica_id)
             )
         try:
-            await self._nc.publish(reply, data)
+            await self._nc.publish(reply, data, headers=_telemetry.result_headers())
         except Exception as exc:
             log.warning("could not answer %s: %s", reply, exc)
 
@@ -352,4 +609,15 @@ async def serve(config: RuntimeConfig, target: Target) -> None:
     worker = Worker(config, target)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
-    await worker.run()
+    if target.instance is not None:
+        from duanflow._cls import run_hooks
+
+        await run_hooks(target.instance, "enter", asynchronous=True)
+    try:
+        await worker.run()
+    finally:
+        if target.instance is not None:
+            from duanflow._cls import run_hooks
+
+            await run_hooks(target.instance, "exit", asynchronous=True)
+            await run_hooks(target.instance, "exit", asynchronous=False)

@@ -1,0 +1,297 @@
+"""The replica's HTTP path: calls the gateway sends (codec ``json``) to ``@app.endpoint`` functions.
+
+The function gets a :class:`~duanflow.Request` (or the body's fields as keyword arguments) and its return value is
+encoded for the gateway: dict/list → JSON, str → text, bytes → binary, :class:`~duanflow.Response` → its status,
+headers and body, a generator → a stream of chunk messages ending with a ``final`` one. While a call runs, the
+replica sends heartbeats every ``HEARTBEAT_S`` so the gateway can tell a crashed replica (502) from a slow one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Final
+
+import msgspec
+from duanflow_proto.errors import DeserializationError, DuanFlowError, FunctionTimeoutError, InvalidInputError
+from duanflow_proto.messages.common import ErrorReply
+from duanflow_proto.messages.invocation import CODEC_BYTES, CODEC_JSON, HEARTBEAT_S, Invocation, Result
+from nats.aio.msg import Msg
+
+from duanflow._endpoint import takes_request
+from duanflow._request import Request
+from duanflow._response import Response
+
+if TYPE_CHECKING:
+    from duanflow._runtime.worker import Worker
+
+log = logging.getLogger("duanflow.runtime.http")
+
+MEDIA_JSON: Final = "application/json"
+MEDIA_TEXT: Final = "text/plain; charset=utf-8"
+MEDIA_BYTES: Final = "application/octet-stream"
+_DONE: Final = object()
+
+
+class HttpCall:
+    """One HTTP call on this replica: runs the function, streams or answers, heartbeats meanwhile."""
+
+    def __init__(self, worker: Worker, inv: Invocation, reply: str, started: float) -> None:
+        self.worker = worker
+        self.inv = inv
+        self.reply = reply
+        self.started = started
+        self.deadline = started + worker.config.timeout_s
+        self._seq = 0
+
+    def _next_seq(self) -> int:
+        seq = self._seq
+        self._seq += 1
+        return seq
+
+    def _result(self, **fields: Any) -> Result:
+        return Result(
+            call_id=self.inv.call_id,
+            replica_id=self.worker.config.replica_id,
+            simulated_gpu=self.worker.simulated,
+            duration_us=int((time.monotonic() - self.started) * 1e6),
+            seq=self._next_seq(),
+            **fields,
+        )
+
+    async def _send(self, result: Result) -> None:
+        if self.reply:
+            await self.worker._answer(self.reply, result)
+
+    async def _fail(self, error: ErrorReply, *, stream: bool = False) -> None:
+        await self._send(self._result(ok=False, error=error, stream=stream))
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await self._send(self._result(ok=True, final=False, heartbeat=True, codec=CODEC_BYTES))
+            await asyncio.sleep(HEARTBEAT_S)
+
+    async def run(self) -> None:
+        """Answer the call (every outcome, errors included, reaches the caller)."""
+        # The heartbeat task starts only once the call outlives one interval: fast calls create no task at all.
+        beats: list[asyncio.Task[None]] = []
+
+        def start_beating() -> None:
+            beats.append(asyncio.create_task(self._heartbeats(), name=f"heartbeat-{self.inv.call_id}"))
+
+        timer = asyncio.get_running_loop().call_later(HEARTBEAT_S, start_beating)
+        try:
+            await self._run()
+        finally:
+            timer.cancel()
+            for task in beats:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _run(self) -> None:
+        try:
+            args, kwargs = self._arguments()
+        except DuanFlowError as exc:
+            await self._fail(exc.to_reply())
+            return
+        try:
+            value = await self._call(args, kwargs)
+        except TimeoutError:
+            await self._fail(self._timeout())
+            return
+        except DuanFlowError as exc:
+            await self._fail(exc.to_reply())
+            return
+        except Exception as exc:
+            from duanflow._runtime.worker import remote_error
+
+            await self._fail(remote_error(exc))
+            return
+        status, headers, media = 0, {}, ""
+        if isinstance(value, Response):
+            status, headers, media = value.status, value.headers, value.media_type or ""
+            value = value.body
+        if inspect.isgenerator(value) or inspect.isasyncgen(value):
+            await self._stream(value, status, headers, media)
+            return
+        try:
+            data, codec, kind_media = encode_value(value)
+        except DuanFlowError as exc:
+            await self._fail(exc.to_reply())
+            return
+        await self._send(
+            self._result(
+                ok=True, value=data, codec=codec, status=status, headers=headers, media_type=media or kind_media
+            )
+        )
+
+    def _arguments(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        try:
+            payload = msgspec.json.decode(self.inv.args) if self.inv.args else {}
+        except msgspec.DecodeError as exc:
+            raise InvalidInputError(f"call {self.inv.call_id}: the gateway's arguments are not JSON: {exc}") from None
+        if not isinstance(payload, dict):
+            raise InvalidInputError(f"call {self.inv.call_id}: the gateway's arguments must be a JSON object")
+        if self.worker.takes_request:
+            fields = payload.get("kwargs")
+            return request_arguments(
+                self.worker.target.raw_f,
+                self.worker.config.function,
+                Request.from_gateway(payload),
+                fields if isinstance(fields, dict) else {},
+            )
+        args, kwargs = payload.get("args", []), payload.get("kwargs", {})
+        if not isinstance(args, list) or not isinstance(kwargs, dict):
+            raise InvalidInputError(f"call {self.inv.call_id}: arguments must be (args, kwargs)")
+        check_fits(self.worker.target.raw_f, self.worker.config.function, args, kwargs)
+        return tuple(args), kwargs
+
+    def _remaining(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+    async def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        fn = self.worker.target.raw_f
+        if self.worker.is_async:
+            return await asyncio.wait_for(fn(*args, **kwargs), self._remaining())
+        return await self._in_thread(lambda: fn(*args, **kwargs))
+
+    async def _in_thread(self, work: Callable[[], Any]) -> Any:
+        loop = asyncio.get_running_loop()
+        try:
+            return await asyncio.wait_for(loop.run_in_executor(self.worker._executor, work), self._remaining())
+        except TimeoutError:
+            self.worker._replace_executor()
+            raise
+
+    def _timeout(self) -> ErrorReply:
+        timeout = self.worker.config.timeout_s
+        return FunctionTimeoutError(
+            f"{self.worker.config.function} ran past its timeout of {timeout:g}s",
+            details={"call_id": self.inv.call_id, "timeout_s": f"{timeout:g}"},
+        ).to_reply()
+
+    async def _stream(self, gen: Any, status: int, headers: dict[str, str], media: str) -> None:
+        first = True
+        try:
+            async for chunk in self._chunks(gen):
+                data, codec, _ = encode_value(chunk)
+                fields: dict[str, Any] = {"status": status, "headers": headers, "media_type": media} if first else {}
+                first = False
+                await self._send(self._result(ok=True, final=False, stream=True, value=data, codec=codec, **fields))
+        except TimeoutError:
+            await self._fail(self._timeout(), stream=True)
+            return
+        except DuanFlowError as exc:
+            await self._fail(exc.to_reply(), stream=True)
+            return
+        except Exception as exc:
+            from duanflow._runtime.worker import remote_error
+
+            await self._fail(remote_error(exc), stream=True)
+            return
+        fields = {"status": status, "headers": headers, "media_type": media} if first else {}
+        await self._send(self._result(ok=True, final=True, stream=True, codec=CODEC_BYTES, **fields))
+
+    async def _chunks(self, gen: Any) -> AsyncIterator[Any]:
+        if inspect.isasyncgen(gen):
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(_anext(gen), self._remaining())
+                except StopAsyncIteration:
+                    return
+                yield chunk
+        else:
+            sync: Iterator[Any] = gen
+            while True:
+                chunk = await self._in_thread(lambda: next(sync, _DONE))
+                if chunk is _DONE:
+                    return
+                yield chunk
+
+
+def request_arguments(
+    f: Callable[..., Any], name: str, request: Request, fields: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The request for the parameter named ``request`` (or typed ``df.Request``), and for every other parameter the
+    path parameter, body field or query value of its name: ``def get(request, item_id)`` works.
+
+    >>> def get(request, item_id, q=None): ...
+    >>> request_arguments(get, "get", Request(), {"item_id": "7", "other": 1})[1]["item_id"]
+    '7'
+    """
+    try:
+        params = inspect.signature(f).parameters
+    except (TypeError, ValueError):
+        return (request,), {}
+    kwargs: dict[str, Any] = {}
+    args: tuple[Any, ...] = ()
+    for p in params.values():
+        if p.name == "request" or p.annotation in (Request, "Request", "df.Request"):
+            if p.kind is inspect.Parameter.POSITIONAL_ONLY:
+                args = (request,)
+            else:
+                kwargs[p.name] = request
+        elif p.name in fields and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            kwargs[p.name] = fields[p.name]
+    check_fits(f, name, list(args), kwargs)
+    return args, kwargs
+
+
+def check_fits(f: Callable[..., Any], name: str, args: list[Any], kwargs: dict[str, Any]) -> None:
+    """Refuse (400) a request whose body, query and path parameters do not fit the function's parameters.
+
+    >>> def f(x, name=None): ...
+    >>> check_fits(f, "f", [], {"x": "1"})
+    >>> check_fits(f, "f", [], {"other": "1"})
+    Traceback (most recent call last):
+    duanflow_proto.errors.InvalidInputError: the request does not fit f's parameters: missing a required argument: 'x'
+    """
+    try:
+        sig = inspect.signature(f)
+    except (TypeError, ValueError):
+        return
+    try:
+        sig.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise InvalidInputError(f"the request does not fit {name}'s parameters: {exc}") from None
+
+
+def _anext(gen: Any) -> Awaitable[Any]:
+    return gen.__anext__()  # type: ignore[no-any-return]
+
+
+def encode_value(value: Any) -> tuple[bytes, str, str]:
+    """``(data, codec, media type)`` of one returned value or streamed chunk.
+
+    >>> encode_value({"a": 1})
+    (b'{"a":1}', 'json', 'application/json')
+    >>> encode_value("hi")[1:]
+    ('bytes', 'text/plain; charset=utf-8')
+    """
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value), CODEC_BYTES, MEDIA_BYTES
+    if isinstance(value, str):
+        return value.encode(), CODEC_BYTES, MEDIA_TEXT
+    try:
+        return msgspec.json.encode(value), CODEC_JSON, MEDIA_JSON
+    except (TypeError, msgspec.EncodeError) as exc:
+        raise DeserializationError(
+            f"an endpoint returned {type(value).__name__}, which is not JSON, text, bytes, df.Response "
+            f"or a generator: {exc}"
+        ) from None
+
+
+async def handle_http(worker: Worker, msg: Msg, inv: Invocation, reply: str, started: float) -> None:
+    """Run one ``json``-codec (HTTP) invocation: answer the caller, then ack (no retries: the caller is waiting)."""
+    await HttpCall(worker, inv, reply, started).run()
+    await msg.ack()
+
+
+def is_http_target(f: Callable[..., Any]) -> bool:
+    """Whether ``f`` takes the request object (computed once per replica)."""
+    return takes_request(f)
