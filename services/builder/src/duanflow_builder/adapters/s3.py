@@ -4,42 +4,21 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from urllib.parse import urlsplit
 
-from minio import Minio
+from duanflow_kit import s3
 from minio.error import S3Error
-
-DEFAULT_REGION = "us-east-1"
-
-
-def _endpoint(value: str, secure: bool) -> tuple[str, bool]:
-    """``host:port`` and TLS flag from ``host:port`` or ``http(s)://host:port``."""
-    if "://" in value:
-        parts = urlsplit(value)
-        return parts.netloc, parts.scheme == "https"
-    return value, secure
 
 
 class S3Artifacts:
     """:class:`duanflow_builder.ports.ArtifactStore` on one S3 bucket."""
 
     def __init__(self, endpoint: str, access_key: str, secret_key: str, bucket: str, *, secure: bool = False) -> None:
-        host, tls = _endpoint(endpoint, secure)
-        self._client = Minio(host, access_key=access_key, secret_key=secret_key, secure=tls, region=DEFAULT_REGION)
+        self._client = s3.client(endpoint, access_key, secret_key, secure=secure)
         self._bucket = bucket
 
     async def ensure_bucket(self) -> None:
-        """Create the bucket when missing (the router may be creating it at the same moment)."""
-
-        def run() -> None:
-            if not self._client.bucket_exists(self._bucket):
-                try:
-                    self._client.make_bucket(self._bucket)
-                except S3Error as exc:
-                    if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-                        raise
-
-        await asyncio.to_thread(run)
+        """Create the bucket when missing."""
+        await s3.ensure_bucket(self._client, self._bucket)
 
     async def upload(self, key: str, path: Path) -> None:
         """Store the file at ``path`` under ``key``."""

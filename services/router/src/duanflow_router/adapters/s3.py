@@ -4,22 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
-from urllib.parse import urlsplit
 
-from minio import Minio
+from duanflow_kit import s3
 from minio.error import S3Error
 
-# Presigning against the public endpoint must not look the region up there: it may be unreachable from here.
-DEFAULT_REGION = "us-east-1"
-_MISSING = {"NoSuchKey", "NoSuchObject", "NotFound", "NoSuchBucket"}
-
-
-def _endpoint(value: str, secure: bool) -> tuple[str, bool]:
-    """``host:port`` and TLS flag from ``host:port`` or ``http(s)://host:port``."""
-    if "://" in value:
-        parts = urlsplit(value)
-        return parts.netloc, parts.scheme == "https"
-    return value, secure
+_MISSING = s3.MISSING_CODES
 
 
 class S3BlobStore:
@@ -35,27 +24,17 @@ class S3BlobStore:
         secure: bool = False,
         public_endpoint: str = "",
     ) -> None:
-        host, tls = _endpoint(endpoint, secure)
         self.bucket = bucket
-        self.client = Minio(host, access_key=access_key, secret_key=secret_key, secure=tls, region=DEFAULT_REGION)
+        self.client = s3.client(endpoint, access_key, secret_key, secure=secure)
         if public_endpoint:
-            phost, ptls = _endpoint(public_endpoint, secure)
-            self.public = Minio(phost, access_key=access_key, secret_key=secret_key, secure=ptls, region=DEFAULT_REGION)
+            # URLs handed to agents and clients are presigned against the endpoint they can reach
+            self.public = s3.client(public_endpoint, access_key, secret_key, secure=secure)
         else:
             self.public = self.client
 
     async def ensure_bucket(self) -> None:
         """Create the bucket when it does not exist."""
-
-        def run() -> None:
-            if not self.client.bucket_exists(self.bucket):
-                try:
-                    self.client.make_bucket(self.bucket)
-                except S3Error as exc:
-                    if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-                        raise
-
-        await asyncio.to_thread(run)
+        await s3.ensure_bucket(self.client, self.bucket)
 
     async def exists(self, key: str) -> bool:
         """Whether ``key`` is stored."""
