@@ -53,9 +53,11 @@ EXPECTED_ALL = [
     "UnauthenticatedError",
     "UnavailableError",
     "__version__",
+    "current_job_id",
     "enter",
     "exit",
     "method",
+    "storage",
 ]
 
 
@@ -172,8 +174,15 @@ def test_module_defaults_to_the_file_stem(tmp_path: Path, monkeypatch: pytest.Mo
 
     assert stem_app_x1.app.build_spec().module == "stem_app_x1"
     assert find_app(stem_app_x1, "stem-app") is stem_app_x1.app
-    with pytest.raises(LookupError, match=r"no df\.App named 'other'"):
-        find_app(stem_app_x1, "other")
+    # `duanflow deploy FILE --name other`: the file's only App runs under the deployed name
+    assert find_app(stem_app_x1, "other") is stem_app_x1.app
+
+    (tmp_path / "two_apps_x1.py").write_text('import duanflow as df\na = df.App("one")\nb = df.App("two")\n')
+    import two_apps_x1  # type: ignore[import-not-found]
+
+    assert find_app(two_apps_x1, "two") is two_apps_x1.b
+    with pytest.raises(LookupError, match=r"no df\.App named 'other' \(it defines one, two\)"):
+        find_app(two_apps_x1, "other")
 
 
 def test_duplicate_function_names_and_conflicting_images_are_refused() -> None:

@@ -290,6 +290,11 @@ def find_app(module: object, name: str) -> App:
         file = getattr(module, "__file__", None)
         candidates = [a for a in list(_apps) if a.name == name and (file is None or str(a._module_file) == file)]
     if not candidates:
+        # `duanflow deploy app.py --name other` deploys the file's one App under another name
+        only = {id(v): v for v in vars(module).values() if isinstance(v, App)}
+        if len(only) == 1:
+            return next(iter(only.values()))
+    if not candidates:
         found = sorted({v.name for v in vars(module).values() if isinstance(v, App)})
         raise LookupError(
             f"module {getattr(module, '__name__', module)!r} defines no df.App named {name!r}"
