@@ -96,3 +96,22 @@ def test_architecture_doc_generator_can_fail() -> None:
     assert gen.render(stale) != stale
     with pytest.raises(SystemExit, match="lacks the generated sections"):
         gen.render("no sections here\n")
+
+
+def test_every_message_struct_is_listed_in_all_messages() -> None:
+    """A message type left out of ALL_MESSAGES would get no schema and escape the staleness check."""
+    import importlib
+    import pkgutil
+
+    import msgspec
+    from duanflow_proto import messages
+
+    listed = set(messages.ALL_MESSAGES)
+    missing = []
+    for info in pkgutil.iter_modules(messages.__path__):
+        module = importlib.import_module(f"{messages.__name__}.{info.name}")
+        for name, value in vars(module).items():
+            is_struct = isinstance(value, type) and issubclass(value, msgspec.Struct)
+            if is_struct and value.__module__ == module.__name__ and value not in listed:
+                missing.append(f"{info.name}.{name}")
+    assert not missing, f"add to duanflow_proto.messages.ALL_MESSAGES: {missing}"

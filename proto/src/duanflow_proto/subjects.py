@@ -100,6 +100,11 @@ def queue(env: str, name: str) -> str:
     return f"{PREFIX}.queue.{token(env)}.{token(name)}"
 
 
+def queue_consumer(env: str, name: str) -> str:
+    """Durable consumer of one work queue on ``DUANFLOW_QUEUE``: the queue's workers share it (one per queue)."""
+    return f"q_{token(env)}_{token(name)}".replace("-", "_")
+
+
 def dead_letter(env: str, name: str) -> str:
     """Dead-letter subject of one work queue."""
     return f"{PREFIX}.dlq.{token(env)}.{token(name)}"
@@ -184,6 +189,16 @@ API_SECRET_DELETE: Final = api("secret", "delete")
 """``SecretDeleteRequest`` → ``SecretInfo``: delete one secret (router)."""
 API_APP_STOP: Final = api("app", "stop")
 """``AppStopRequest`` → ``AppStopReply``: deactivate an app and stop its replicas (router)."""
+API_QUEUE_INSPECT: Final = api("queue", "inspect")
+"""``QueueRequest`` → ``QueueInfo``: depth, in flight and dead letters of one work queue (router)."""
+API_QUEUE_DEAD: Final = api("queue", "dead")
+"""``QueueRequest`` → ``DeadLetterList``: the dead letters of one work queue, oldest first (router)."""
+API_QUEUE_REPLAY: Final = api("queue", "replay")
+"""``QueueRequest`` → ``QueueReplayReply``: put dead letters back on their queue (router)."""
+API_STORAGE_URL: Final = api("storage", "url")
+"""``StorageRequest`` → ``StorageReply``: presigned URL of one ``s3://bucket/key`` object, or whether it exists."""
+API_STORAGE_LIST: Final = api("storage", "list")
+"""``StorageRequest`` → ``StorageReply``: keys under a prefix (router)."""
 
 
 PUB_ACK_SUFFIX: Final = ".ack"

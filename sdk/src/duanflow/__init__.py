@@ -14,6 +14,7 @@ Example::
     classify_ticket.remote("我的模型接口超时了")
 """
 
+from duanflow import _storage as storage
 from duanflow._app import App
 from duanflow._auth import Auth
 from duanflow._cls import Cls, enter, exit, method
@@ -38,7 +39,7 @@ from duanflow._errors import (
 )
 from duanflow._function import Function, FunctionCall
 from duanflow._image import Image
-from duanflow._queue import Queue
+from duanflow._queue import Queue, current_job_id
 from duanflow._request import Request
 from duanflow._response import Response
 from duanflow._retries import Retries
@@ -76,7 +77,9 @@ __all__ = [
     "UnauthenticatedError",
     "UnavailableError",
     "__version__",
+    "current_job_id",
     "enter",
     "exit",
     "method",
+    "storage",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import sys
 import weakref
@@ -18,8 +19,10 @@ from duanflow._endpoint import endpoint_decorator, with_bearer_token
 from duanflow._errors import InvalidOptionError
 from duanflow._function import Function
 from duanflow._image import Image, env_dict
+from duanflow._queue import Queue
+from duanflow._retries import Retries
 from duanflow._secret import secret_names
-from duanflow._spec import COMMON_OPTIONS, check_options, function_spec
+from duanflow._spec import COMMON_OPTIONS, WORKER_OPTIONS, check_options, function_spec, queue_name
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -228,6 +231,46 @@ class App:
         return endpoint_decorator(
             self, {"method": method, "path": path, "auth": auth, "burst": burst, "stream": stream, **options}
         )
+
+    def worker(self, *, queue: Queue | str, **options: Any) -> Callable[[Callable[..., Any]], Function[..., Any]]:
+        """Run a function on every job of ``queue``: replicas pull jobs and call the function with each one.
+
+        A failing job is retried with exponential backoff up to the queue's ``max_retries`` (``retries=`` may
+        give a :class:`~duanflow.Retries` for the delays; its count is the queue's), then moved to the queue's
+        dead letters with its error and traceback.
+        Takes the options of :meth:`function` (``gpu``, ``scale_to``, ``timeout``, ``concurrency``...).
+
+        Example::
+
+            audio_queue = df.Queue("audio-inbox", max_retries=3)
+
+            @app.worker(queue=audio_queue, gpu="A10G", scale_to=12)
+            def transcribe_audio(job):
+                return df.storage.write_json(job["output_url"], {"text": "..."})
+        """
+        check_options(options, WORKER_OPTIONS, "app.worker")
+        name_of_queue = queue_name(queue)
+        max_retries = queue.max_retries if isinstance(queue, Queue) else Queue(name_of_queue).max_retries
+        image = options.pop("image", None)
+        if image is not None and not isinstance(image, Image):
+            raise InvalidOptionError(f"image= takes a df.Image, got {image!r}", details={"option": "image"})
+        delays = options.pop("retries", None)
+        if delays is not None and not isinstance(delays, Retries):
+            raise InvalidOptionError(
+                "@app.worker takes its retry count from the queue (df.Queue(name, max_retries=n)); retries= "
+                f"only takes df.Retries(...) for the delays, got {delays!r}",
+                details={"option": "retries"},
+            )
+        options["retries"] = dataclasses.replace(delays or Retries(max_retries), max_retries=max_retries)
+        function_spec("options_check", kind="worker", queue=name_of_queue, **options)
+
+        def decorate(f: Callable[..., Any]) -> Function[..., Any]:
+            if isinstance(f, Function) or not callable(f):
+                raise InvalidOptionError(f"@app.worker decorates a plain function, got {f!r}")
+            spec = function_spec(getattr(f, "__name__", ""), kind="worker", queue=name_of_queue, **options)
+            return self._register(Function(name=spec.name, raw_f=f, spec=spec, app=self, image=image))
+
+        return decorate
 
     def _register(self, fn: Function[..., Any]) -> Function[..., Any]:
         if fn.name in self._functions:

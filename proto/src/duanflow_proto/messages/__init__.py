@@ -21,6 +21,15 @@ from duanflow_proto.messages.invocation import (
 )
 from duanflow_proto.messages.logs import LogLine, LogQuery, LogQueryReply
 from duanflow_proto.messages.price import PriceList, PriceUpdate
+from duanflow_proto.messages.queue import (
+    DeadLetter,
+    DeadLetterList,
+    QueueInfo,
+    QueueReplayReply,
+    QueueRequest,
+    StorageReply,
+    StorageRequest,
+)
 from duanflow_proto.messages.release import (
     AppSpec,
     AppStopReply,
@@ -95,6 +104,13 @@ ALL_MESSAGES: tuple[type, ...] = (
     SecretListRequest,
     SecretList,
     SecretDeleteRequest,
+    DeadLetter,
+    DeadLetterList,
+    QueueInfo,
+    QueueReplayReply,
+    QueueRequest,
+    StorageReply,
+    StorageRequest,
 )
 
 __all__ = [
@@ -107,6 +123,8 @@ __all__ = [
     "BuildResult",
     "CandidateVerdict",
     "CapacityReport",
+    "DeadLetter",
+    "DeadLetterList",
     "DeployReply",
     "DeployRequest",
     "EndpointSpec",
@@ -128,6 +146,9 @@ __all__ = [
     "PayloadUrlRequest",
     "PriceList",
     "PriceUpdate",
+    "QueueInfo",
+    "QueueReplayReply",
+    "QueueRequest",
     "Release",
     "ReleaseList",
     "ReleaseListRequest",
@@ -144,6 +165,8 @@ __all__ = [
     "StartReplica",
     "StartReplicaReply",
     "StopReplica",
+    "StorageReply",
+    "StorageRequest",
     "UploadUrlReply",
     "UploadUrlRequest",
 ]

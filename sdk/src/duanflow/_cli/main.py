@@ -20,7 +20,7 @@ from rich.json import JSON
 from rich.markup import escape
 from rich.table import Table
 
-from duanflow._cli import apps, auth, dev, price, secret
+from duanflow._cli import apps, auth, dev, price, queue, secret
 from duanflow._cli.deploy import DeployOutcome, Steps, app_spec, deploy, redeploy
 from duanflow._cli.loader import Target, find_app, find_function, import_file
 from duanflow._cli.logs import check_kind, parse_since, read_logs, show_line
@@ -46,6 +46,7 @@ app.add_typer(dev.app, name="dev")
 app.add_typer(auth.app, name="auth")
 app.add_typer(secret.app, name="secret")
 app.add_typer(price.app, name="price")
+app.add_typer(queue.app, name="queue")
 
 Env = Annotated[
     str | None,

@@ -10,7 +10,7 @@ import traceback
 from pathlib import Path
 
 from duanflow import _telemetry
-from duanflow._runtime import logcapture
+from duanflow._runtime import logcapture, queue_worker
 from duanflow._runtime.config import ConfigError, RuntimeConfig
 from duanflow._runtime.worker import load_target, serve
 
@@ -37,7 +37,10 @@ def main() -> int:
         return 1
     _telemetry.setup_from_env(f"duanflow-replica-{config.app}")
     try:
-        asyncio.run(serve(config, target))
+        if queue_worker.is_queue_worker(target.spec):
+            asyncio.run(queue_worker.serve(config, target))
+        else:
+            asyncio.run(serve(config, target))
     except Exception:
         print(f"duanflow runtime: replica {config.replica_id} failed:\n{traceback.format_exc()}", file=sys.stderr)
         return 1

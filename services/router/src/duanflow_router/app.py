@@ -14,7 +14,7 @@ from duanflow_kit.service import Service
 from duanflow_kit.streams import ensure_streams
 from duanflow_proto import subjects
 
-from duanflow_router import handlers
+from duanflow_router import handlers, queues
 from duanflow_router.adapters.crypto import AesGcmSealer
 from duanflow_router.adapters.nats import NatsAgentClient, NatsLease, NatsPlatform
 from duanflow_router.adapters.postgres import PostgresReleaseStore, open_pool
@@ -141,7 +141,9 @@ class RouterApp:
             lease = NatsLease(service.js, key=s.schema)
             try:
                 async with asyncio.TaskGroup() as tasks:
-                    api = handlers.LeaderApi(service.nc, handlers.routes(self.control), tasks)
+                    api = handlers.LeaderApi(
+                        service.nc, [*handlers.routes(self.control), *queues.routes(service.js, blobs)], tasks
+                    )
                     # A lone router leads (and serves the API) before its health check answers.
                     await self._step(control, lease, api)
                     leading = tasks.create_task(self._lead(control, lease, api))

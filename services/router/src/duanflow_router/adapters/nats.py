@@ -44,6 +44,24 @@ def function_consumer_config(env: str, app: str, fn: FunctionSpec) -> ConsumerCo
     )
 
 
+def queue_consumer_config(env: str, fn: FunctionSpec) -> ConsumerConfig:
+    """The durable pull consumer of an ``@app.worker``'s queue on ``DUANFLOW_QUEUE`` (one per queue).
+
+    Workers retry (nak with a delay) and dead-letter themselves after ``fn.retries``; ``max_deliver`` is the
+    backstop for a job that kills every replica that runs it.
+    """
+    queue = fn.queue or ""
+    return ConsumerConfig(
+        durable_name=subjects.queue_consumer(env, queue),
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=fn.timeout_s + ACK_WAIT_MARGIN_S,
+        max_deliver=fn.retries + MAX_DELIVER_EXTRA,
+        filter_subject=subjects.queue(env, queue),
+        max_ack_pending=MAX_ACK_PENDING,
+    )
+
+
 class NatsAgentClient:
     """:class:`duanflow_router.ports.AgentClient` over core request/reply."""
 
@@ -84,6 +102,9 @@ class NatsPlatform:
 
     async def ensure_function_consumer(self, env: str, app: str, fn: FunctionSpec) -> None:
         """Create the consumer, or update it in place (same durable name: in-flight calls survive)."""
+        if fn.queue:
+            await self.js.add_consumer(subjects.STREAM_QUEUES, queue_consumer_config(env, fn))
+            return
         await self.js.add_consumer(subjects.STREAM_INVOCATIONS, function_consumer_config(env, app, fn))
 
     async def publish_decision(self, decision: SchedulerDecision) -> None:
