@@ -15,8 +15,16 @@ TRACER_NAME = "duanflow.kit"
 _lock = threading.Lock()
 
 
+# "off" in one read of the API's set-once global (asked per call on hot paths). Asking for the provider once here
+# lets the API install one named by OTEL_PYTHON_TRACER_PROVIDER, so afterwards "global unset" means "off" exactly.
+trace.get_tracer_provider()
+_FAST_OFF = hasattr(trace, "_TRACER_PROVIDER")
+
+
 def enabled() -> bool:
     """Whether a real tracer provider is installed (the API's default records nothing)."""
+    if _FAST_OFF and trace._TRACER_PROVIDER is None:
+        return False
     return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider | trace.NoOpTracerProvider)
 
 
