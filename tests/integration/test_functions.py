@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import os
 import signal
 import subprocess
 import sys
@@ -25,8 +24,8 @@ from duanflow import _client
 from duanflow._local import servers
 from duanflow_kit.streams import ensure_streams
 from duanflow_proto import codec, subjects
-from duanflow_proto.messages.common import Ack
 from duanflow_proto.messages.invocation import HDR_REPLY, Invocation, Result
+from fixtures.replicas import new_replica_id, replica_env, spawn_ready
 from fixtures.waiting import eventually
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
@@ -174,50 +173,28 @@ def consumer_config(env: str, app: str, spec: Any) -> ConsumerConfig:
 
 async def start_replica(st: Stack, function: str, nats_url: str = "") -> subprocess.Popen[bytes]:
     """One replica with the env an agent gives it (``nats_url``: another way to the server); returns once ready."""
-    spec = st.module.app._registry()[function].spec
-    replica_id = f"rp-{uuid.uuid4().hex[:10]}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DUANFLOW_")}
-    env.update(
-        DUANFLOW_NATS_URL=nats_url or st.nats_url,
-        DUANFLOW_NATS_USER="agent",
-        DUANFLOW_NATS_PASSWORD=st.creds.agent,
-        DUANFLOW_REPLICA_ID=replica_id,
-        DUANFLOW_ENV=st.env,
-        DUANFLOW_APP=st.app_name,
-        DUANFLOW_RELEASE="rel_20260101_0000",
-        DUANFLOW_FUNCTION=function,
-        DUANFLOW_MODULE=st.module.__name__,
-        DUANFLOW_STREAM=subjects.STREAM_INVOCATIONS,
-        DUANFLOW_CONSUMER=subjects.consumer_name(st.env, st.app_name, function),
-        DUANFLOW_CONCURRENCY=str(spec.concurrency),
-        DUANFLOW_TIMEOUT_S=repr(spec.timeout_s),
+    replica_id = new_replica_id()
+    env = replica_env(
+        nats_url=nats_url or st.nats_url,
+        agent_password=st.creds.agent,
+        spec=st.module.app._registry()[function].spec,
+        env=st.env,
+        app=st.app_name,
+        module=st.module.__name__,
+        app_dir=st.app_dir,
+        replica_id=replica_id,
         FN_TEST_MARKS=str(st.marks),
-        PYTHONPATH=os.pathsep.join([str(st.app_dir), os.environ.get("PYTHONPATH", "")]),
     )
-    nc = await nats.connect(st.nats_url, user="agent", password=st.creds.agent)
-    try:
-        ready = asyncio.Event()
-
-        async def on_ready(msg: Any) -> None:
-            if codec.decode(msg.data, Ack).message == replica_id:
-                ready.set()
-
-        await nc.subscribe(subjects.replica_ready(replica_id), cb=on_ready)
-        await nc.flush()
-        log = (st.logs / f"{function}-{replica_id}.log").open("wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "duanflow._runtime"], cwd=st.app_dir, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-        st.replicas.append(proc)
-
-        async def is_ready() -> bool:
-            assert proc.poll() is None, (st.logs / f"{function}-{replica_id}.log").read_text()
-            return ready.is_set()
-
-        await eventually(is_ready, timeout=30)
-        return proc
-    finally:
-        await nc.close()
+    proc = await spawn_ready(
+        nats_url=st.nats_url,
+        agent_password=st.creds.agent,
+        replica_id=replica_id,
+        env=env,
+        cwd=st.app_dir,
+        log_path=st.logs / f"{function}-{replica_id}.log",
+    )
+    st.replicas.append(proc)
+    return proc
 
 
 async def _setup(st: Stack) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import os
 import signal
 import subprocess
 import sys
@@ -26,9 +25,10 @@ from duanflow import _client
 from duanflow._local import servers
 from duanflow_kit.streams import ensure_streams
 from duanflow_proto import codec, subjects
-from duanflow_proto.messages.common import Ack, ErrorReply
+from duanflow_proto.messages.common import ErrorReply
 from duanflow_proto.messages.invocation import HDR_REPLY, Result
 from duanflow_proto.messages.release import FunctionLookup
+from fixtures.replicas import new_replica_id, replica_env, spawn_ready
 from fixtures.waiting import eventually
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
@@ -113,66 +113,30 @@ def consumer_config(env: str, app: str, spec: Any) -> ConsumerConfig:
     )
 
 
-def replica_env(d: Deployed, function: str, replica_id: str, **extra: str) -> dict[str, str]:
-    spec = d.module.app._registry()[function].spec
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DUANFLOW_")}
-    env.update(
-        DUANFLOW_NATS_URL=d.nats_url,
-        DUANFLOW_NATS_USER="agent",
-        DUANFLOW_NATS_PASSWORD=d.creds.agent,
-        DUANFLOW_REPLICA_ID=replica_id,
-        DUANFLOW_ENV=d.env,
-        DUANFLOW_APP=d.app_name,
-        DUANFLOW_RELEASE="rel_20260101_0000",
-        DUANFLOW_FUNCTION=function,
-        DUANFLOW_MODULE=d.module.__name__,
-        DUANFLOW_STREAM=subjects.STREAM_INVOCATIONS,
-        DUANFLOW_CONSUMER=subjects.consumer_name(d.env, d.app_name, function),
-        DUANFLOW_CONCURRENCY=str(spec.concurrency),
-        DUANFLOW_TIMEOUT_S=repr(spec.timeout_s),
-        DUANFLOW_SIMULATED_GPU="1",
-        CUDA_VISIBLE_DEVICES="",
-        PYTHONPATH=os.pathsep.join([str(d.app_dir), str(d.hidden_dir), os.environ.get("PYTHONPATH", "")]),
-    )
-    env.update(extra)
-    return env
-
-
 async def start_replica(d: Deployed, function: str, **extra: str) -> subprocess.Popen[bytes]:
     """Start one replica and wait for its ready Ack, as an agent does."""
-    replica_id = f"rp-{uuid.uuid4().hex[:10]}"
-    nc = await nats.connect(d.nats_url, user="agent", password=d.creds.agent)
-    try:
-        ready: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-
-        async def on_ready(msg: Any) -> None:
-            if not ready.done():
-                ready.set_result(msg.data)
-
-        await nc.subscribe(subjects.replica_ready(replica_id), cb=on_ready)
-        await nc.flush()
-        log = (d.logs / f"{function}-{replica_id}.log").open("wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "duanflow._runtime"],
-            cwd=d.app_dir,
-            env=replica_env(d, function, replica_id, **extra),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-
-        async def is_ready() -> bool:
-            assert proc.poll() is None, f"replica exited with {proc.returncode}: {_log_text(d, replica_id)}"
-            return ready.done()
-
-        await eventually(is_ready, timeout=30)
-        assert codec.decode(ready.result(), Ack).message == replica_id
-        return proc
-    finally:
-        await nc.close()
-
-
-def _log_text(d: Deployed, replica_id: str) -> str:
-    return "\n".join(p.read_text(errors="replace") for p in d.logs.glob(f"*{replica_id}.log"))
+    replica_id = new_replica_id()
+    env = replica_env(
+        nats_url=d.nats_url,
+        agent_password=d.creds.agent,
+        spec=d.module.app._registry()[function].spec,
+        env=d.env,
+        app=d.app_name,
+        module=d.module.__name__,
+        app_dir=d.app_dir,
+        replica_id=replica_id,
+        simulated_gpu=True,
+        extra_paths=(d.hidden_dir,),
+        **extra,
+    )
+    return await spawn_ready(
+        nats_url=d.nats_url,
+        agent_password=d.creds.agent,
+        replica_id=replica_id,
+        env=env,
+        cwd=d.app_dir,
+        log_path=d.logs / f"{function}-{replica_id}.log",
+    )
 
 
 async def _setup(d: Deployed) -> None:
