@@ -232,6 +232,43 @@ def _outcome(run: MapRun, index: int, return_exceptions: bool) -> Any:
     return unwrap_result(result, run.label, run.target.gpu_label)
 
 
+class _Cursor:
+    """Where one map stands: inputs published, results handed out; the same for the sync and async bodies."""
+
+    def __init__(self, run: MapRun, inputs: Iterator[bytes], order_outputs: bool, return_exceptions: bool) -> None:
+        self.run, self.inputs = run, inputs
+        self.order_outputs, self.return_exceptions = order_outputs, return_exceptions
+        self.next_index, self.exhausted, self.next_yield = 0, False, 0
+
+    @property
+    def finished(self) -> bool:
+        """Every input was published and every result handed out."""
+        return self.exhausted and self.next_yield >= self.next_index
+
+    def step(self) -> Iterator[Any]:
+        """Publish what the window allows, then yield the results that may go out now (lazily, so a raised
+        remote error comes after the results before it)."""
+        run = self.run
+        if not self.exhausted:
+            self.next_index, self.exhausted = _batches(run, self.inputs, self.next_index)
+        run.absorb()
+        if self.order_outputs:
+            while self.next_yield in run.results:
+                yield _outcome(run, self.next_yield, self.return_exceptions)
+                self.next_yield += 1
+        else:
+            for index in list(run.results):
+                yield _outcome(run, index, self.return_exceptions)
+                self.next_yield += 1
+
+    def check_stalled(self, label: str, wait_s: float) -> None:
+        """Raise when no result came for the function's whole wait."""
+        if self.run.stalled():
+            raise FunctionTimeoutError(
+                f"{label}.map(): no result for {wait_s:g}s ({self.run.done_count} of {self.next_index} done)"
+            )
+
+
 def map_sync(
     fn: Function[..., Any], inputs: Iterator[bytes], order_outputs: bool, return_exceptions: bool
 ) -> Iterator[Any]:
@@ -250,29 +287,16 @@ def map_sync(
     run = MapRun(client, target, fn.label, wake)
     run.start()
     try:
-        next_index, exhausted, next_yield = 0, False, 0
+        cursor = _Cursor(run, inputs, order_outputs, return_exceptions)
         while True:
-            if not exhausted:
-                next_index, exhausted = _batches(run, inputs, next_index)
-            run.absorb()
-            if order_outputs:
-                while next_yield in run.results:
-                    yield _outcome(run, next_yield, return_exceptions)
-                    next_yield += 1
-            else:
-                for index in list(run.results):
-                    yield _outcome(run, index, return_exceptions)
-                    next_yield += 1
-            if exhausted and next_yield >= next_index:
+            yield from cursor.step()
+            if cursor.finished:
                 return
             with cond:
                 if not pending[0]:
                     cond.wait(1.0)
                 pending[0] = False
-            if run.stalled():
-                raise FunctionTimeoutError(
-                    f"{fn.label}.map(): no result for {target.wait_s:g}s ({run.done_count} of {next_index} done)"
-                )
+            cursor.check_stalled(fn.label, target.wait_s)
     finally:
         run.close()
 
@@ -293,28 +317,16 @@ async def map_async(
     run = MapRun(client, target, fn.label, wake)
     run.start()
     try:
-        next_index, exhausted, next_yield = 0, False, 0
+        cursor = _Cursor(run, inputs, order_outputs, return_exceptions)
         while True:
-            if not exhausted:
-                next_index, exhausted = _batches(run, inputs, next_index)
-            run.absorb()
-            if order_outputs:
-                while next_yield in run.results:
-                    yield _outcome(run, next_yield, return_exceptions)
-                    next_yield += 1
-            else:
-                for index in list(run.results):
-                    yield _outcome(run, index, return_exceptions)
-                    next_yield += 1
-            if exhausted and next_yield >= next_index:
+            for outcome in cursor.step():
+                yield outcome
+            if cursor.finished:
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(event.wait(), 1.0)
             event.clear()
-            if run.stalled():
-                raise FunctionTimeoutError(
-                    f"{fn.label}.map(): no result for {target.wait_s:g}s ({run.done_count} of {next_index} done)"
-                )
+            cursor.check_stalled(fn.label, target.wait_s)
     finally:
         run.close()
 
