@@ -436,7 +436,7 @@ def request_line(
 
     >>> from duanflow_proto.messages.release import EndpointSpec
     >>> e = RouteEntry(method="GET", path="/", env="main", app="a", function="f", release="r",
-    ...                subject="duanflow.inv.main.a.f", endpoint=EndpointSpec())
+    ...                subject=subjects.invocation("main", "a", "f"), endpoint=EndpointSpec())
     >>> request_line(e, "get", "/", 200, 12.34, "fc-1", 0).message
     'GET / 200 12.3ms'
     """
