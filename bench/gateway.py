@@ -6,6 +6,10 @@ the same echo route on uvicorn in its own process. Each is measured the same way
 client (so the client's own cost stays small): a sequential run (median and p99 latency), then ``--connections``
 connections at once for ``--seconds`` (requests/s and p99). Every figure is one JSON line on stdout with the
 floor's figure and the ratio; progress goes to stderr.
+
+``nats_invocation_median`` measures, in the same run, the part no HTTP server can remove: the same invocation the
+gateway makes, published straight to JetStream by a nats-py client, run by the same replica, its result back on an
+inbox (no HTTP at all). ``sequential_median`` is roughly that plus the floor plus the gateway's own work.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ from typing import Any
 import httpx
 import nats
 from duanflow._local import servers
+from duanflow_gateway.domain import invocation_args
 from duanflow_proto import codec, subjects
+from duanflow_proto.messages.invocation import CODEC_JSON, HDR_CALL_ID, HDR_REPLY, Invocation, Result
 from duanflow_proto.messages.release import Release
 from duanflow_router.domain import route_entries
 
@@ -103,6 +109,46 @@ async def sequential(port: int, n: int) -> list[float]:
         await one(reader, writer, req)
         times.append(time.perf_counter() - t0)
     writer.close()
+    return times
+
+
+async def nats_invocations(url: str, password: str, subject: str, n: int) -> list[float]:
+    """Sequential invocations as the gateway publishes them (JSON args, no PubAck asked), straight over NATS."""
+    nc = await nats.connect(url, user="service", password=password)
+    inbox = nc.new_inbox()
+    waiting: dict[str, asyncio.Future[bytes]] = {}
+
+    async def on_result(msg: Any) -> None:
+        fut = waiting.pop(msg.subject.rsplit(".", 1)[1], None)
+        if fut is not None and not fut.done():
+            fut.set_result(msg.data)
+
+    await nc.subscribe(f"{inbox}.*", cb=on_result)
+    value = json.loads(BODY)
+    args = invocation_args("POST", PATH, {}, [], [("content-type", "application/json")], value, BODY)
+    loop = asyncio.get_running_loop()
+    times: list[float] = []
+    try:
+        for i in range(n + min(200, n // 5)):
+            call_id = f"fc-bench-{i}-{os.getpid()}"
+            inv = Invocation(
+                call_id=call_id,
+                function="echo",
+                args=args,
+                codec=CODEC_JSON,
+                deadline_ms=int(time.time() * 1000) + 60_000,
+            )
+            headers = {HDR_REPLY: f"{inbox}.{call_id}", HDR_CALL_ID: call_id, "Nats-Msg-Id": call_id}
+            t0 = time.perf_counter()
+            fut = waiting[call_id] = loop.create_future()
+            await nc.publish(subject, codec.encode(inv), headers=headers)
+            result = codec.decode(await asyncio.wait_for(fut, 30), Result)
+            if not result.ok:
+                raise RuntimeError(f"invocation failed: {result.error}")
+            if i >= min(200, n // 5):
+                times.append(time.perf_counter() - t0)
+    finally:
+        await nc.close()
     return times
 
 
@@ -223,6 +269,7 @@ def main() -> int:
                 DUANFLOW_NATS_USER="service",
                 DUANFLOW_NATS_PASSWORD=d.creds.service,
                 DUANFLOW_GATEWAY_HTTP_PORT=str(port),
+                DUANFLOW_GATEWAY_ENV=d.env,
             )
             log = root / "gateway.log"
             gw = subprocess.Popen(
@@ -235,6 +282,8 @@ def main() -> int:
             note("measuring sequential latency")
             floor_seq = asyncio.run(sequential(floor_port, args.requests))
             gw_seq = asyncio.run(sequential(port, args.requests))
+            subject = subjects.invocation(d.env, APP_NAME, "echo")
+            nats_seq = asyncio.run(nats_invocations(d.nats.address, d.creds.service, subject, args.requests))
             note(f"measuring {args.connections} connections for {args.seconds}s each")
             replica = d.replicas[0].pid
             cpu0 = (cpu_s(gw.pid), cpu_s(replica), cpu_s(floor.pid))
@@ -266,6 +315,8 @@ def main() -> int:
     ms = 1000.0
     emit("sequential_median", statistics.median(gw_seq) * ms, statistics.median(floor_seq) * ms, "ms", "<= 0.6")
     emit("sequential_p99", pct(gw_seq, 0.99) * ms, pct(floor_seq, 0.99) * ms, "ms", "")
+    emit("nats_invocation_median", statistics.median(nats_seq) * ms, statistics.median(floor_seq) * ms, "ms", "")
+    emit("nats_invocation_p99", pct(nats_seq, 0.99) * ms, pct(floor_seq, 0.99) * ms, "ms", "")
     emit(f"c{args.connections}_throughput", gw_rps, floor_rps, "req/s", ">= 8000")
     emit(f"c{args.connections}_p99", pct(gw_times, 0.99) * ms, pct(floor_times, 0.99) * ms, "ms", "<= 15")
     # CPU per request (the 64-connection runs, warm-up included): where the time goes on a shared machine.

@@ -1,39 +1,43 @@
-"""examples/chat_completions.py driven by the official ``openai`` package through a real gateway process and a real
-replica (``python -m duanflow._runtime``) on real NATS: non-streaming, ``stream=True`` (SSE), and a wrong key → 401."""
+"""examples/chat_completions.py driven as a user would: ``duanflow dev up``, ``DUANFLOW_API_KEY=... duanflow deploy
+examples/chat_completions.py``, then the official ``openai`` package against the stack's gateway: non-streaming,
+``stream=True`` (SSE), and a wrong key → 401. One stack for the module; ``duanflow dev down`` at its end."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import openai
 import pytest
-from duanflow._local import servers
-from fixtures.gateway_stack import Stack, deploy, gateway_stack, load_module
+from e2e.stackcli import cli, stopped_at_exit
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 API_KEY = "sk-duanflow-" + uuid.uuid4().hex
 
 
 @pytest.fixture(scope="module")
-def stack(
-    nats_server: tuple[servers.Proc, servers.NatsCredentials], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Stack]:
-    module = load_module(EXAMPLES / "chat_completions.py", "chat_completions")
-    with gateway_stack(nats_server, tmp_path_factory.mktemp("openai")) as s:
-        with pytest.MonkeyPatch.context() as mp:
-            # as in `DUANFLOW_API_KEY=... duanflow deploy examples/chat_completions.py`
-            mp.setenv("DUANFLOW_API_KEY", API_KEY)
-            deploy(s, module, EXAMPLES)
-        yield s
+def gateway_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    root = tmp_path_factory.mktemp("openai")
+    home, data = root / "home", root / "data"
+    with stopped_at_exit(home, data):
+        up = cli(home, "dev", "up", "--detach", "--data-dir", data, timeout=240)
+        assert up.returncode == 0, up.stdout + up.stderr
+        deploy = cli(
+            home, "deploy", "examples/chat_completions.py", "--json", timeout=300, env={"DUANFLOW_API_KEY": API_KEY}
+        )
+        assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+        assert json.loads(deploy.stdout)["app"] == "chat-completions"
+        state = json.loads((data / "stack.json").read_text())
+        assert state["gateway_url"].startswith("http://")
+        yield str(state["gateway_url"])
 
 
 @pytest.fixture
-def client(stack: Stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{stack.gateway_url}/v1", api_key=API_KEY, max_retries=0, timeout=30)
+def client(gateway_url: str) -> openai.OpenAI:
+    # A first call may wait for the keep_warm replica to come up: the gateway holds it until then.
+    return openai.OpenAI(base_url=f"{gateway_url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
 
 
 def test_chat_completion(client: openai.OpenAI) -> None:
@@ -59,8 +63,8 @@ def test_chat_completion_stream(client: openai.OpenAI) -> None:
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
-def test_wrong_key_is_401(stack: Stack) -> None:
-    bad = openai.OpenAI(base_url=f"{stack.gateway_url}/v1", api_key="sk-wrong", max_retries=0, timeout=30)
+def test_wrong_key_is_401(gateway_url: str) -> None:
+    bad = openai.OpenAI(base_url=f"{gateway_url}/v1", api_key="sk-wrong", max_retries=0, timeout=30)
     with pytest.raises(openai.AuthenticationError) as info:
         bad.chat.completions.create(model="duanflow-qwen", messages=[{"role": "user", "content": "hi"}])
     assert info.value.status_code == 401

@@ -191,6 +191,32 @@ async def test_no_replica_is_504_and_deleted_route_is_404(
     await eventually(gone)
 
 
+async def test_routes_of_other_envs_are_not_served(http: httpx.AsyncClient, nc_service: Any, unique: str) -> None:
+    kv = await nc_service.jetstream().key_value(subjects.KV_ROUTES)
+    mine = route(unique, "mine", "GET", f"/{unique}/mine", timeout_s=0.3)
+    other = msgspec.structs.replace(
+        route(unique, "other", "GET", f"/{unique}/other"),
+        env="prod",
+        subject=subjects.invocation("prod", unique, "other"),
+    )
+    refused_before = int((await health(nc_service)).details["routes_refused"])
+    await put_route(nc_service, other)  # key prod.<app>.other: another env's route
+    # A key of this env whose entry says another env: left out, not served under either.
+    spoof = msgspec.structs.replace(other, path=f"/{unique}/spoof")
+    await kv.put(f"main.{unique}.spoof", codec.encode(spoof))
+    await put_route(nc_service, mine)
+
+    async def mine_served() -> bool:
+        return (await http.get(f"/{unique}/mine")).status_code == 504  # routed (no replica runs it)
+
+    await eventually(mine_served)
+    assert (await http.get(f"/{unique}/other")).status_code == 404
+    assert (await http.get(f"/{unique}/spoof")).status_code == 404
+    assert int((await health(nc_service)).details["routes_refused"]) == refused_before + 1
+    for key in (f"prod.{unique}.other", f"main.{unique}.spoof", f"main.{unique}.mine"):
+        await kv.delete(key)
+
+
 async def test_garbage_route_entry_is_left_out(gateway: GatewayApp, nc_service: Any, unique: str) -> None:
     kv = await nc_service.jetstream().key_value(subjects.KV_ROUTES)
     await kv.put(f"main.{unique}.garbage", b"\x00not a route")

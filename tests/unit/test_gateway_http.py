@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import msgspec
 import pytest
@@ -33,7 +33,9 @@ class Invoker:
             call_id=inv.call_id, ok=True, codec="json", value=inv.args
         )
 
-    async def invoke(self, subject: str, invocation: Invocation, timeout_s: float) -> Result:
+    async def invoke(
+        self, subject: str, invocation: Invocation, timeout_s: float, trace_parent: Mapping[str, str] | None = None
+    ) -> Result:
         self.calls.append((subject, invocation, timeout_s))
         answer = self.answer(invocation)
         if isinstance(answer, DuanFlowError):
@@ -275,7 +277,9 @@ def test_429_over_the_burst_limit_with_retry_after(invoker: Invoker) -> None:
     entered = asyncio.Event()
 
     class Slow(Invoker):
-        async def invoke(self, subject: str, invocation: Invocation, timeout_s: float) -> Result:
+        async def invoke(
+            self, subject: str, invocation: Invocation, timeout_s: float, trace_parent: Mapping[str, str] | None = None
+        ) -> Result:
             entered.set()
             await gate.wait()
             return Result(call_id=invocation.call_id, ok=True, codec="json", value=b"1")

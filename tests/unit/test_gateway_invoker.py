@@ -1,5 +1,6 @@
-"""The gateway's NATS invoker with a stand-in connection: PubAck, heartbeats, streams, and the statuses a caller
-gets when the stream refuses the call (503), the replica goes silent mid-request (502) or the deadline passes (504)."""
+"""The gateway's NATS invoker with a stand-in connection: no PubAck on a fast call, a late confirmation of a silent
+one, heartbeats, streams, and the statuses a caller gets when the stream refuses the call (503), the replica goes
+silent mid-request (502) or the deadline passes (504)."""
 
 from __future__ import annotations
 
@@ -60,26 +61,58 @@ def result(**fields: Any) -> bytes:
     return codec.encode(Result(call_id="fc-1", ok=True, codec="json", value=b"1", **fields))
 
 
-async def test_ack_then_result() -> None:
+async def test_fast_call_asks_for_no_ack() -> None:
     inv, nc = await started()
     task = asyncio.ensure_future(inv.invoke("duanflow.inv.e.a.f", Invocation(call_id="fc-1", function="f"), 5))
     await nc.sent.wait()
     _, reply, headers = nc.published[0]
-    assert reply == "_INBOX.gw.fc-1.ack" and headers["Df-Reply"] == "_INBOX.gw.fc-1"
-    inv._on_result(Msg(reply, b'{"stream":"DUANFLOW_INV","seq":1}'))  # type: ignore[arg-type]
+    assert reply == "" and headers["Df-Reply"] == "_INBOX.gw.fc-1" and headers["Nats-Msg-Id"] == "fc-1"
     inv._on_result(Msg("_INBOX.gw.fc-1", result(heartbeat=True, final=False)))  # type: ignore[arg-type]
     inv._on_result(Msg("_INBOX.gw.fc-1", result()))  # type: ignore[arg-type]
     got = await task
     assert got.ok and got.value == b"1" and inv.in_flight == 0
+    assert len(nc.published) == 1
 
 
-async def test_no_stream_is_503() -> None:
+async def confirmed(nc: FakeNats) -> tuple[str, dict[str, str]]:
+    """The second publish of a call that heard nothing: the same message, now asking for its PubAck."""
+    while len(nc.published) < 2:
+        nc.sent.clear()
+        await nc.sent.wait()
+    subject, reply, headers = nc.published[1]
+    assert subject == nc.published[0][0] and headers == nc.published[0][2]
+    return reply, headers
+
+
+async def test_silent_call_is_confirmed_with_the_same_msg_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gw_nats, "CONFIRM_AFTER_S", 0.05)
     inv, nc = await started()
     task = asyncio.ensure_future(inv.invoke("duanflow.inv.e.a.f", Invocation(call_id="fc-1", function="f"), 5))
-    await nc.sent.wait()
-    inv._on_result(Msg("_INBOX.gw.fc-1.ack", b"", {"Status": "503"}))  # type: ignore[arg-type]
+    reply, headers = await confirmed(nc)
+    assert reply == "_INBOX.gw.fc-1.ack" and headers["Nats-Msg-Id"] == "fc-1"
+    inv._on_result(Msg(reply, b'{"stream":"DUANFLOW_INV","seq":1,"duplicate":true}'))  # type: ignore[arg-type]
+    await asyncio.sleep(0.1)  # a workload: the stored call waits for its replica, with no third publish
+    assert not task.done() and len(nc.published) == 2
+    inv._on_result(Msg("_INBOX.gw.fc-1", result()))  # type: ignore[arg-type]
+    assert (await task).ok
+
+
+async def test_no_stream_is_503(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gw_nats, "CONFIRM_AFTER_S", 0.05)
+    inv, nc = await started()
+    task = asyncio.ensure_future(inv.invoke("duanflow.inv.e.a.f", Invocation(call_id="fc-1", function="f"), 5))
+    reply, _ = await confirmed(nc)
+    inv._on_result(Msg(reply, b"", {"Status": "503"}))  # type: ignore[arg-type]
     with pytest.raises(UnavailableError):
         await task
+
+
+async def test_no_ack_to_the_confirmation_is_503(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gw_nats, "CONFIRM_AFTER_S", 0.05)
+    monkeypatch.setattr(gw_nats, "PUBLISH_TIMEOUT_S", 0.05)
+    inv, _ = await started()
+    with pytest.raises(UnavailableError, match="did not acknowledge"):
+        await inv.invoke("duanflow.inv.e.a.f", Invocation(call_id="fc-1", function="f"), 5)
 
 
 async def test_deadline_is_504() -> None:

@@ -8,10 +8,12 @@ import contextlib
 import logging
 import socket
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import uvicorn
 from duanflow_kit.service import Service
 from duanflow_kit.streams import ensure_streams
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from duanflow_gateway.adapters.nats import KvRoutes, NatsInvoker, NatsRequestLog
 from duanflow_gateway.handlers import build_http
@@ -38,6 +40,53 @@ class _Server(uvicorn.Server):
         await super().startup(sockets)
         if self.started:
             self.serving.set()
+
+
+class _CoalescingTransport:
+    """A transport whose writes of one event-loop turn leave in one ``send``.
+
+    uvicorn writes a response's head and its body apart: two system calls and, with TCP_NODELAY, two segments the
+    client wakes up for. Held until the end of the loop turn they become one (streamed chunks, written on later
+    turns, still leave as they come). Everything else goes straight to the real transport.
+    """
+
+    __slots__ = ("_buffer", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._buffer: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not self._buffer:
+            self._loop.call_soon(self._flush)
+        self._buffer.append(bytes(data))
+
+    def _flush(self) -> None:
+        if self._buffer:
+            data = b"".join(self._buffer)
+            self._buffer.clear()
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._buffer.clear()
+        self._transport.abort()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+class _HttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol over a :class:`_CoalescingTransport`."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        coalescing = _CoalescingTransport(transport, asyncio.get_running_loop())
+        super().connection_made(coalescing)  # type: ignore[arg-type]
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -89,19 +138,23 @@ class GatewayApp:
         await ensure_streams(service.js)
         sock = bind(s.http_host, s.http_port)
         self.http_port = sock.getsockname()[1]
-        routes = KvRoutes(service.js)
+        routes = KvRoutes(service.js, s.env)
         invoker = NatsInvoker(service.nc, service.js)
+        request_log = NatsRequestLog(service.nc)
         await invoker.start()
         config = uvicorn.Config(
             build_http(
                 routes,
                 invoker,
                 s,
-                NatsRequestLog(service.nc),
+                request_log,
                 ready=lambda: routes.ready.is_set() and bool(service.nc.is_connected),
             ),
             log_config=None,
             access_log=False,
+            http=_HttpProtocol,
+            proxy_headers=False,  # nothing here reads the client's address: no middleware hop per request
+            server_header=False,
             lifespan="off",
             timeout_graceful_shutdown=int(s.shutdown_grace_s),
         )
@@ -125,6 +178,7 @@ class GatewayApp:
                     watching.cancel()
         finally:
             self._routes = self._server = None
+            await request_log.close()
             await invoker.stop()
             sock.close()
 

@@ -135,25 +135,44 @@ class RouteTable:
     """The gateway's view of every deployed endpoint, keyed as in the routes bucket."""
 
     routes: dict[str, Route] = field(default_factory=dict)
+    _by_length: dict[int, list[Route]] | None = field(default=None, init=False, repr=False, compare=False)
+    """Routes by number of segments, most specific first (rebuilt after a change, not per request)."""
+    _exact: dict[tuple[str, tuple[str, ...]], Route] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    """Routes without parameters by (method, segments): the most specific there can be, found in one lookup."""
 
     def put(self, key: str, entry: RouteEntry) -> Route:
         """Add or replace one entry (raises :class:`InvalidInputError` for an unusable one, leaving the table)."""
         route = compile_route(key, entry)
         self.routes[key] = route
+        self._by_length = None
         return route
 
     def remove(self, key: str) -> None:
         """Forget one entry (no error when absent)."""
-        self.routes.pop(key, None)
+        if self.routes.pop(key, None) is not None:
+            self._by_length = None
 
     def __len__(self) -> int:
         return len(self.routes)
 
-    def _candidates(self, path: str) -> Iterable[tuple[Route, dict[str, str]]]:
-        parts = split_path(path)
-        for route in sorted(self.routes.values(), key=lambda r: (r.specificity, r.key)):
-            if len(route.segments) != len(parts):
-                continue
+    def _index(self) -> dict[int, list[Route]]:
+        by_length = self._by_length
+        if by_length is None:
+            by_length = {}
+            self._exact = {}
+            for route in sorted(self.routes.values(), key=lambda r: (r.specificity, r.key)):
+                by_length.setdefault(len(route.segments), []).append(route)
+                if not route.params:
+                    self._exact.setdefault((route.method, route.segments), route)  # type: ignore[arg-type]
+            self._by_length = by_length
+        return by_length
+
+    def _candidates(self, path: str, parts: tuple[str, ...] | None = None) -> Iterable[tuple[Route, dict[str, str]]]:
+        if parts is None:
+            parts = split_path(path)
+        for route in self._index().get(len(parts), ()):
             values: dict[str, str] = {}
             names = iter(route.params)
             for want, got in zip(route.segments, parts, strict=True):
@@ -167,7 +186,12 @@ class RouteTable:
     def match(self, method: str, path: str) -> Match | None:
         """The most specific route for ``method`` and ``path``, or None."""
         method = method.upper()
-        for route, values in self._candidates(path):
+        parts = split_path(path)
+        self._index()
+        exact = self._exact.get((method, parts))
+        if exact is not None:
+            return Match(route=exact, path_params={})
+        for route, values in self._candidates(path, parts):
             if route.method == method:
                 return Match(route=route, path_params=values)
         return None

@@ -7,6 +7,7 @@ leaves as ``{"error": {"code", "message"}}`` with the error's HTTP status, built
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -113,6 +114,9 @@ class GatewayHttp:
         self.settings = settings
         self.request_log = request_log
         self.limits = domain.BurstLimits()
+        self._id_prefix = os.urandom(8).hex()
+        """Call ids are this random prefix and a counter: unique across gateways, no system call per request."""
+        self._ids = itertools.count(1)
         self.service = _service_app(routes, ready)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -138,7 +142,7 @@ class GatewayHttp:
             return
         entry = match.entry
         key = match.route.key
-        call_id = f"fc-{os.urandom(16).hex()}"
+        call_id = f"fc-{self._id_prefix}{next(self._ids):x}"
         started = time.monotonic()
         try:
             self.limits.acquire(key, entry.endpoint.max_concurrency)
@@ -169,7 +173,8 @@ class GatewayHttp:
         domain.check_auth(entry, headers.get("authorization"))
         raw = await _read_body(receive, headers.get("content-length"), self.settings.max_body_bytes)
         value = domain.parse_request_body(raw, headers.get("content-type", ""))
-        query = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+        qs: bytes = scope.get("query_string", b"")
+        query = parse_qsl(qs.decode("latin-1"), keep_blank_values=True) if qs else []
         args = domain.invocation_args(method, path, match.path_params, query, headers.items(), value, raw)
         domain.check_inline(args)
         timeout_s = entry.timeout_s if entry.timeout_s > 0 else self.settings.default_timeout_s
@@ -180,7 +185,9 @@ class GatewayHttp:
             codec=CODEC_JSON,
             deadline_ms=int((time.time() + timeout_s) * 1000),
         )
-        result = await self.invoker.invoke(entry.subject, invocation, timeout_s)
+        # A W3C traceparent from the client: the invocation's trace continues it.
+        trace_parent = headers if "traceparent" in headers else None
+        result = await self.invoker.invoke(entry.subject, invocation, timeout_s, trace_parent)
         if result.stream:
             return await self._relay(send, entry, result, headers.get("accept", ""), method, path)
         reply = domain.http_reply(result)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Protocol
 
 from duanflow_proto.messages.invocation import Invocation, Result
@@ -13,8 +14,12 @@ from duanflow_gateway.domain import RouteTable
 class Invoker(Protocol):
     """Sends one invocation to its function's replicas and waits for the result."""
 
-    async def invoke(self, subject: str, invocation: Invocation, timeout_s: float) -> Result:
+    async def invoke(
+        self, subject: str, invocation: Invocation, timeout_s: float, trace_parent: Mapping[str, str] | None = None
+    ) -> Result:
         """Publish ``invocation`` on ``subject`` and return its result.
+
+        ``trace_parent``: headers of the incoming request whose W3C trace context the invocation continues.
 
         Raises :class:`~duanflow_proto.errors.DeadlineExceededError` when no result came within ``timeout_s`` and
         :class:`~duanflow_proto.errors.UnavailableError` when the invocations stream cannot take it.

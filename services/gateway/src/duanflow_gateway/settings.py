@@ -10,6 +10,8 @@ PREFIX = "DUANFLOW_GATEWAY_"
 class Settings(BaseSettings, frozen=True, kw_only=True):
     """Typed settings of the HTTP gateway."""
 
+    env: str = "main"
+    """The one environment whose endpoints this gateway serves; route entries of other envs are not loaded."""
     http_host: str = "127.0.0.1"
     """Address the HTTP server binds to."""
     http_port: int = 8080

@@ -58,6 +58,22 @@ def handler_span(headers: Mapping[str, str] | None, subject: str) -> Iterator[No
         yield
 
 
+@contextlib.contextmanager
+def span(
+    name: str, headers: Mapping[str, str] | None = None, attributes: Mapping[str, str | int] | None = None
+) -> Iterator[trace.Span | None]:
+    """An internal span named ``name``, child of the trace context in ``headers`` (a root span of its own trace
+    when they carry none); yields None when tracing is off. An exception escaping it marks the span failed."""
+    if not enabled():
+        yield None
+        return
+    parent = propagate.extract(dict(headers or {}))
+    with trace.get_tracer(TRACER_NAME).start_as_current_span(
+        name, context=parent, attributes=dict(attributes or {})
+    ) as current:
+        yield current
+
+
 def inject(headers: dict[str, str]) -> dict[str, str]:
     """``headers`` with the current trace context added (for a message a service publishes onward)."""
     if enabled():
@@ -65,12 +81,15 @@ def inject(headers: dict[str, str]) -> dict[str, str]:
     return headers
 
 
-def start_client_span(name: str, headers: dict[str, str]) -> trace.Span | None:
-    """Start a client span (child of the current context) and put it in ``headers``; None when tracing is off.
-    End it with :func:`end_span`."""
+def start_client_span(name: str, headers: dict[str, str], parent: Mapping[str, str] | None = None) -> trace.Span | None:
+    """Start a client span and put it in ``headers``; None when tracing is off. End it with :func:`end_span`.
+
+    Its parent is the trace context in ``parent`` (e.g. an incoming HTTP request's W3C ``traceparent``) when that
+    carries one, else the current context."""
     if not enabled():
         return None
-    span = trace.get_tracer(TRACER_NAME).start_span(name, kind=SpanKind.CLIENT)
+    context = propagate.extract(parent) if parent else None
+    span = trace.get_tracer(TRACER_NAME).start_span(name, context=context, kind=SpanKind.CLIENT)
     propagate.inject(headers, context=trace.set_span_in_context(span))
     return span
 

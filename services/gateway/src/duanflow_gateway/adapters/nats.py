@@ -6,12 +6,12 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from duanflow_kit import telemetry
 from duanflow_proto import codec, subjects
-from duanflow_proto.errors import DeadlineExceededError, DuanFlowError, UnavailableError
+from duanflow_proto.errors import DeadlineExceededError, DuanFlowError, InvalidInputError, UnavailableError
 from duanflow_proto.messages.invocation import HDR_CALL_ID, HDR_DEADLINE, HDR_REPLY, HEARTBEAT_S, Invocation, Result
 from duanflow_proto.messages.logs import LogLine
 from duanflow_proto.messages.release import RouteEntry
@@ -24,14 +24,28 @@ from duanflow_gateway.domain import BadGatewayError, RouteTable
 log = logging.getLogger("duanflow.gateway.nats")
 
 PUBLISH_TIMEOUT_S = 5.0
+"""How long the confirming publish of a call may wait for its PubAck (503 after)."""
+CONFIRM_AFTER_S = 1.0
+"""A call that heard nothing from a replica this long has its publish confirmed (see :meth:`NatsInvoker.invoke`)."""
 WATCH_RETRY_S = 1.0
+LOG_FLUSH_S: Final = 0.05
+"""Longest a request log line waits to be sent with others."""
+LOG_BATCH: Final = 256
+"""Queued request log lines that are sent at once, without waiting for :data:`LOG_FLUSH_S`."""
+HDR_MSG_ID: Final = "Nats-Msg-Id"
+"""JetStream's de-duplication header (NATS's own name, not a DuanFlow subject)."""
 
 
 class NatsInvoker:
     """:class:`duanflow_gateway.ports.Invoker`: JetStream publish, results demultiplexed from one inbox by call id.
 
-    The invocation is published with its PubAck addressed to ``<inbox>.<call>.ack``, so the call waits for the ack and
-    the result in one place (a failed ack fails the call: 503) instead of a request round trip before the wait.
+    The invocation is published without asking for a PubAck, carrying ``Nats-Msg-Id`` = the call id: a fast call
+    costs no ack message (one fewer wake-up of the gateway per request). Any message from a replica proves the
+    stream stored it. Only a call that heard nothing within :data:`CONFIRM_AFTER_S` (no replica yet, a queue, a lost
+    publish) has the same message published again, this time with its PubAck addressed to ``<inbox>.<call>.ack``:
+    JetStream's de-duplication stores it at most once, and the ack says it is stored, or why not (503), within
+    :data:`PUBLISH_TIMEOUT_S` more. The durability is the same as waiting for the ack first; a failure shows a second
+    later.
     A call's messages (heartbeats, stream chunks, the result) queue up per call id. Once a replica has been heard
     from, silence longer than :data:`LIVENESS_S` means it died mid-request (502), not that it is slow.
     """
@@ -72,8 +86,13 @@ class NatsInvoker:
         if call is not None:
             call.push(msg.data)
 
-    async def invoke(self, subject: str, invocation: Invocation, timeout_s: float) -> Result:
+    async def invoke(
+        self, subject: str, invocation: Invocation, timeout_s: float, trace_parent: Mapping[str, str] | None = None
+    ) -> Result:
         """Publish ``invocation`` and wait up to ``timeout_s`` for its first answer.
+
+        ``trace_parent``: the incoming request's headers; a W3C ``traceparent`` there is continued (the invoke span
+        is its child, and the context travels on in the NATS headers).
 
         When that answer opens a stream (``stream`` and not ``final``), the call stays open: read the rest with
         :meth:`next` and end with :meth:`close`. Otherwise the call is closed already.
@@ -82,19 +101,19 @@ class NatsInvoker:
             raise UnavailableError("the gateway is not connected to NATS yet")
         loop = asyncio.get_running_loop()
         call_id = invocation.call_id
-        call = _Call(invocation, loop.time() + timeout_s, timeout_s, subject)
-        self._pending[call_id] = call
         headers = {
             HDR_REPLY: f"{self._prefix}.{call_id}",
             HDR_CALL_ID: call_id,
             HDR_DEADLINE: str(invocation.deadline_ms),
+            HDR_MSG_ID: call_id,
         }
-        span = telemetry.start_client_span(f"invoke {invocation.function}", headers)
+        span = telemetry.start_client_span(f"invoke {invocation.function}", headers, parent=trace_parent)
+        data = codec.encode(invocation)
+        call = _Call(invocation, loop.time() + timeout_s, timeout_s, subject, data, headers)
+        self._pending[call_id] = call
         keep = False
         try:
-            await self.nc.publish(
-                subject, codec.encode(invocation), reply=subjects.pub_ack(headers[HDR_REPLY]), headers=headers
-            )
+            await self.nc.publish(subject, data, headers=headers)
             result = await self.next(call_id)
             keep = result.stream and not result.final
             return result
@@ -113,7 +132,7 @@ class NatsInvoker:
             data = call.pop()
             if data is None:
                 now = loop.time()
-                if call.acked:
+                if call.acked or call.heard:
                     wait_until = min(call.deadline, now + LIVENESS_S) if call.heard else call.deadline
                 else:
                     wait_until = min(call.deadline, call.ack_by)
@@ -127,8 +146,11 @@ class NatsInvoker:
                         f"{call.invocation.function} did not answer within {call.timeout_s:g}s",
                         details={"function": call.invocation.function, "call_id": call_id},
                     )
-                if not call.acked:
-                    raise UnavailableError("the invocations stream did not acknowledge the call in time")
+                if not call.acked and not call.heard:
+                    if call.confirming:
+                        raise UnavailableError("the invocations stream did not acknowledge the call in time")
+                    await self._confirm(call)
+                    continue
                 if not call.heard or now < call.last_heard + LIVENESS_S:
                     continue
                 raise BadGatewayError(
@@ -154,6 +176,17 @@ class NatsInvoker:
         """Forget a call (its remaining messages are dropped)."""
         self._pending.pop(call_id, None)
 
+    async def _confirm(self, call: _Call) -> None:
+        """Publish the call again (same ``Nats-Msg-Id``: stored at most once), now asking for its PubAck."""
+        call.confirming = True
+        call.ack_by = asyncio.get_running_loop().time() + PUBLISH_TIMEOUT_S
+        try:
+            await self.nc.publish(
+                call.subject, call.data, reply=subjects.pub_ack(call.headers[HDR_REPLY]), headers=call.headers
+            )
+        except Exception as exc:
+            raise UnavailableError(f"could not publish the call to {call.subject}: {exc}") from None
+
 
 _STOPPED: Final = object()
 _TIMEOUT: Final = object()
@@ -168,7 +201,10 @@ class _Call:
     __slots__ = (
         "ack_by",
         "acked",
+        "confirming",
+        "data",
         "deadline",
+        "headers",
         "heard",
         "invocation",
         "last_heard",
@@ -178,12 +214,24 @@ class _Call:
         "waiter",
     )
 
-    def __init__(self, invocation: Invocation, deadline: float, timeout_s: float, subject: str) -> None:
+    def __init__(
+        self,
+        invocation: Invocation,
+        deadline: float,
+        timeout_s: float,
+        subject: str,
+        data: bytes,
+        headers: dict[str, str],
+    ) -> None:
         self.invocation = invocation
         self.deadline = deadline
         self.timeout_s = timeout_s
         self.subject = subject
-        self.ack_by = deadline - timeout_s + min(PUBLISH_TIMEOUT_S, timeout_s)
+        self.data = data
+        self.headers = headers
+        self.ack_by = deadline - timeout_s + min(CONFIRM_AFTER_S, timeout_s)
+        """Until the confirming publish: when to send it; after: when its PubAck is overdue."""
+        self.confirming = False
         self.acked = False
         self.heard = False
         self.last_heard = 0.0
@@ -280,28 +328,70 @@ async def subscribe_direct(nc: NatsClient, subject: str, handler: Callable[[Msg]
 
 
 class NatsRequestLog:
-    """:class:`duanflow_gateway.ports.RequestLog`: core publishes the logs stream captures (no ack round trip)."""
+    """:class:`duanflow_gateway.ports.RequestLog`: core publishes the logs stream captures (no ack round trip).
+
+    Lines are kept and sent together every :data:`LOG_FLUSH_S` (or once :data:`LOG_BATCH` wait): one socket write
+    for many requests instead of one each, off the request path. :meth:`close` sends what is left.
+    """
 
     def __init__(self, nc: NatsClient) -> None:
         self.nc = nc
         self.lost = 0
         """Lines that could not be sent."""
+        self._lines: list[LogLine] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._flushing: set[asyncio.Task[None]] = set()
+        self._subjects: dict[tuple[str, str, str, str], str] = {}
 
     async def publish(self, line: LogLine) -> None:
-        """Send one line; failures are counted, never raised."""
-        try:
-            await self.nc.publish(subjects.logs(line.env, line.app, line.kind, line.source), codec.encode(line))
-        except Exception as exc:
-            self.lost += 1
-            if self.lost == 1:
-                log.warning("could not publish a request log line: %r", exc)
+        """Queue one line (sent within :data:`LOG_FLUSH_S`); never raises."""
+        self._lines.append(line)
+        if len(self._lines) >= LOG_BATCH:
+            await self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(LOG_FLUSH_S, self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        self._timer = None
+        task = asyncio.get_running_loop().create_task(self.flush())
+        self._flushing.add(task)
+        task.add_done_callback(self._flushing.discard)
+
+    async def flush(self) -> None:
+        """Send every queued line now; failures are counted, never raised."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        lines, self._lines = self._lines, []
+        for line in lines:
+            key = (line.env, line.app, line.kind, line.source)
+            subject = self._subjects.get(key)
+            if subject is None:
+                subject = self._subjects[key] = subjects.logs(line.env, line.app, line.kind, line.source)
+            try:
+                await self.nc.publish(subject, codec.encode(line))
+            except Exception as exc:
+                self.lost += 1
+                if self.lost == 1:
+                    log.warning("could not publish a request log line: %r", exc)
+
+    async def close(self) -> None:
+        """Send what is queued (on shutdown)."""
+        await self.flush()
+        if self._flushing:
+            await asyncio.gather(*self._flushing, return_exceptions=True)
 
 
 class KvRoutes:
-    """:class:`duanflow_gateway.ports.Routes` kept current by a watcher on the routes KV bucket."""
+    """:class:`duanflow_gateway.ports.Routes` kept current by a watcher on the routes KV bucket.
 
-    def __init__(self, js: JetStreamContext) -> None:
+    A gateway serves one env: it watches only the keys ``<env>.>`` (keys are ``<env>.<app>.<function>``), and an
+    entry whose own ``env`` is another one is left out too (counted as refused).
+    """
+
+    def __init__(self, js: JetStreamContext, env: str = "main") -> None:
         self.js = js
+        self.env = env
         self.table = RouteTable()
         self.ready = asyncio.Event()
         self._refused: dict[str, str] = {}
@@ -318,7 +408,10 @@ class KvRoutes:
             self.table.remove(key)
             return
         try:
-            route = self.table.put(key, codec.decode(value, RouteEntry))
+            entry = codec.decode(value, RouteEntry)
+            if entry.env != self.env:
+                raise InvalidInputError(f"its env is {entry.env!r}; this gateway serves env {self.env!r}")
+            route = self.table.put(key, entry)
         except DuanFlowError as exc:
             # An unusable entry must not keep serving what the key held before: that release is gone.
             self.table.remove(key)
@@ -341,7 +434,7 @@ class KvRoutes:
 
     async def _watch(self) -> None:
         kv = await self.js.key_value(subjects.KV_ROUTES)
-        watcher = await kv.watchall()
+        watcher = await kv.watch(f"{self.env}.>")
         seen: set[str] | None = set()
         try:
             async for entry in watcher:
