@@ -9,6 +9,7 @@ from duanflow_kit.service import Service
 from duanflow_kit.streams import ensure_streams
 
 from duanflow_builder import handlers
+from duanflow_builder.adapters.docker_engine import DockerImageBuilder
 from duanflow_builder.adapters.nats import NatsBuildEvents, SystemClock
 from duanflow_builder.adapters.postgres import PgImageStore
 from duanflow_builder.adapters.s3 import S3Artifacts
@@ -44,6 +45,7 @@ class BuilderApp:
         try:
             artifacts = S3Artifacts(s.s3_endpoint, s.s3_access_key, s.s3_secret_key, s.s3_bucket, secure=s.s3_secure)
             await artifacts.ensure_bucket()
+            docker = docker_backend(s)
             self.builder = Builder(
                 store,
                 artifacts,
@@ -51,6 +53,7 @@ class BuilderApp:
                 NatsBuildEvents(svc.nc),
                 SystemClock(),
                 stale_after_s=s.stale_build_s,
+                docker=docker,
             )
             yield
         finally:
@@ -60,6 +63,21 @@ class BuilderApp:
     async def run(self) -> None:
         """Run until SIGTERM."""
         await self.service.run(self.lifespan)
+
+
+def docker_backend(s: Settings) -> DockerImageBuilder | None:
+    """The docker backend when ``docker_host`` is set (it then needs ``docker_registry``)."""
+    if not s.docker_host:
+        return None
+    if not s.docker_registry:
+        raise SystemExit("DUANFLOW_BUILDER_DOCKER_REGISTRY must name the registry (host:port) docker images go to")
+    return DockerImageBuilder(
+        base_url=s.docker_host,
+        registry=s.docker_registry,
+        base_image=s.docker_base_image,
+        uv_image=s.docker_uv_image,
+        timeout_s=s.build_timeout_s,
+    )
 
 
 def build_app(settings: Settings) -> BuilderApp:

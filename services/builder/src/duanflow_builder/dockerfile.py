@@ -49,6 +49,17 @@ def base_image(spec: ImageSpec) -> str:
     return f"python:{spec.python or DEFAULT_PYTHON}-slim-bookworm"
 
 
+def needs_venv(spec: ImageSpec) -> bool:
+    """Whether the image gets a uv virtualenv: for pip packages, or for Python on a CUDA base (which has none).
+
+    Without one the base image's own Python runs the replica, and no uv image has to be pulled.
+
+    >>> needs_venv(ImageSpec(commands=["echo"])), needs_venv(ImageSpec(pip=["numpy"]))
+    (False, True)
+    """
+    return bool(spec.pip) or spec.base == "cuda"
+
+
 def render(spec: ImageSpec, *, base: str = "", uv_image: str = UV_IMAGE) -> str:
     """The Dockerfile of ``spec``; ``base`` replaces the ``FROM`` (a locally imported base on offline hosts).
 
@@ -56,9 +67,11 @@ def render(spec: ImageSpec, *, base: str = "", uv_image: str = UV_IMAGE) -> str:
     True
     """
     python = spec.python or DEFAULT_PYTHON
-    lines = [
-        "# syntax=docker/dockerfile:1",
-        f"FROM {uv_image} AS uv",
+    venv = needs_venv(spec)
+    lines = ["# syntax=docker/dockerfile:1"]
+    if venv:
+        lines.append(f"FROM {uv_image} AS uv")
+    lines += [
         f"FROM {base or base_image(spec)}",
         "ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 UV_LINK_MODE=copy UV_PYTHON_INSTALL_DIR=/opt/python",
     ]
@@ -67,11 +80,12 @@ def render(spec: ImageSpec, *, base: str = "", uv_image: str = UV_IMAGE) -> str:
         lines.append(
             f"RUN apt-get update && apt-get install -y --no-install-recommends {pkgs} && rm -rf /var/lib/apt/lists/*"
         )
-    lines += [
-        "COPY --from=uv /uv /usr/local/bin/uv",
-        f"RUN uv venv --python {shlex.quote(python)} {VENV}",
-        f"ENV VIRTUAL_ENV={VENV} PATH={VENV}/bin:$PATH",
-    ]
+    if venv:
+        lines += [
+            "COPY --from=uv /uv /usr/local/bin/uv",
+            f"RUN uv venv --python {shlex.quote(python)} --system-site-packages {VENV}",
+            f"ENV VIRTUAL_ENV={VENV} PATH={VENV}/bin:$PATH",
+        ]
     if spec.pip:
         pkgs = " ".join(shlex.quote(p) for p in spec.pip)
         lines.append(f"RUN uv pip install --python {VENV}/bin/python {pkgs}")

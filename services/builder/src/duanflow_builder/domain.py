@@ -15,10 +15,18 @@ from contextlib import asynccontextmanager
 import msgspec
 from duanflow_proto import subjects
 from duanflow_proto.errors import InvalidInputError, UnavailableError
-from duanflow_proto.messages.build import BuildRequest, BuildResult, ImageSpec, image_artifact_key
+from duanflow_proto.messages.build import BuildRequest, BuildResult, ImageSpec, image_artifact_key, needs_docker
 from duanflow_proto.messages.logs import LogLine
 
-from duanflow_builder.ports import ArtifactStore, BuildEvents, BuildFailedError, Clock, ImageStore, VenvBuilder
+from duanflow_builder.ports import (
+    ArtifactStore,
+    BuildEvents,
+    BuildFailedError,
+    Clock,
+    DockerBuilder,
+    ImageStore,
+    VenvBuilder,
+)
 
 log = logging.getLogger("duanflow.builder")
 
@@ -56,8 +64,24 @@ def needs_build(spec: ImageSpec) -> bool:
     return bool(spec.pip or spec.apt or spec.commands)
 
 
-def validate(req: BuildRequest) -> None:
-    """Refuse what the requested backend cannot build, naming what to do instead."""
+def choose_backend(req: BuildRequest, *, docker: bool) -> str:
+    """The backend that builds ``req``: docker when asked, or when the spec needs it and the stack has one.
+
+    >>> choose_backend(BuildRequest(spec=ImageSpec(apt=["git"])), docker=True)
+    'docker'
+    >>> choose_backend(BuildRequest(spec=ImageSpec(apt=["git"])), docker=False)
+    'venv'
+    """
+    if req.backend == "venv" and docker and needs_docker(req.spec):
+        return "docker"
+    return req.backend
+
+
+def validate(req: BuildRequest, backend: str = "", *, docker: bool = False) -> None:
+    """Refuse what ``backend`` (default: the requested one) cannot build, naming what to do instead.
+
+    ``docker``: this builder has a docker backend configured.
+    """
     for what, value in (("env", req.env), ("app", req.app or DEFAULT_LOG_APP)):
         try:
             subjects.token(value)
@@ -69,7 +93,8 @@ def validate(req: BuildRequest) -> None:
             details={"field": "backend", "valid": ",".join(BACKENDS)},
         )
     spec = req.spec
-    if req.backend == "venv" and (spec.apt or spec.commands):
+    backend = backend or req.backend
+    if backend == "venv" and (spec.apt or spec.commands):
         used = " and ".join(n for n, v in (("apt_install", spec.apt), ("run_commands", spec.commands)) if v)
         raise InvalidInputError(
             f"this image uses {used}, which needs the docker runtime: the venv backend (process runtime) "
@@ -77,9 +102,10 @@ def validate(req: BuildRequest) -> None:
             f"{used} from the image.",
             details={"backend": "venv", "needs": "docker"},
         )
-    if req.backend == "docker":
+    if backend == "docker" and not docker:
         raise InvalidInputError(
-            "the docker build backend is not available in this builder yet: use the venv backend",
+            "this stack's builder has no docker backend: start it with DUANFLOW_BUILDER_DOCKER_HOST and "
+            "DUANFLOW_BUILDER_DOCKER_REGISTRY set, or use the venv backend",
             details={"backend": "docker"},
         )
     for pkg in spec.pip:
@@ -102,6 +128,7 @@ class Builder:
         clock: Clock,
         *,
         stale_after_s: float = 3600.0,
+        docker: DockerBuilder | None = None,
     ) -> None:
         self._store = store
         self._artifacts = artifacts
@@ -109,6 +136,7 @@ class Builder:
         self._events = events
         self._clock = clock
         self._stale_after_s = stale_after_s
+        self._docker = docker
         self._locks: dict[str, asyncio.Lock] = {}
         self._waiters: dict[str, int] = {}
 
@@ -127,26 +155,36 @@ class Builder:
 
     async def build(self, req: BuildRequest) -> BuildResult:
         """Answer a build request: ``cached``, ``built`` or ``failed`` (invalid requests raise)."""
-        validate(req)
+        backend = choose_backend(req, docker=self._docker is not None)
+        validate(req, backend, docker=self._docker is not None)
         spec = req.spec
         image = image_id(spec)
-        async with self._lock(f"{image}/{req.backend}"):
-            row = await self._store.get(image, req.backend)
+        async with self._lock(f"{image}/{backend}"):
+            row = await self._store.get(image, backend)
             if row is not None and row.status == "built":
-                if not row.artifact or await self._artifacts.exists(row.artifact):
+                if not row.artifact or await self._stored(backend, row.artifact):
                     return BuildResult(image_id=image, status="cached", backend=row.backend, artifact=row.artifact)
-                # The record outlived its artifact (the bucket was emptied): build it again.
+                # The record outlived its artifact (the bucket or registry was emptied): build it again.
                 log.warning("image %s is recorded as built but %s is gone: rebuilding", image, row.artifact)
-                await self._store.forget(image, req.backend)
-            if not await self._store.claim(image, req.backend, canonical_spec(spec), self._stale_after_s):
-                row = await self._store.get(image, req.backend)
+                await self._store.forget(image, backend)
+            if not await self._store.claim(image, backend, canonical_spec(spec), self._stale_after_s):
+                row = await self._store.get(image, backend)
                 if row is not None and row.status == "built":
                     return BuildResult(image_id=image, status="cached", backend=row.backend, artifact=row.artifact)
                 raise UnavailableError(
                     f"image {image} is being built by another builder instance: retry shortly",
                     details={"image_id": image},
                 )
-            return await self._run(req, image)
+            return await self._run(msgspec.structs.replace(req, backend=backend), image)
+
+    async def _stored(self, backend: str, artifact: str) -> bool:
+        if backend == "docker":
+            assert self._docker is not None
+            try:
+                return await self._docker.exists(artifact)
+            except BuildFailedError as exc:
+                raise UnavailableError(f"cannot check image {artifact}: {exc}") from None
+        return await self._artifacts.exists(artifact)
 
     async def _run(self, req: BuildRequest, image: str) -> BuildResult:
         started = self._clock.monotonic()
@@ -164,7 +202,10 @@ class Builder:
 
         artifact = ""
         try:
-            if needs_build(req.spec):
+            if req.backend == "docker":
+                assert self._docker is not None
+                artifact = await self._docker.build(req.spec, image, emit)
+            elif needs_build(req.spec):
                 await emit(f"building image {image} ({len(req.spec.pip)} python packages)")
                 path = await self._venv.build(req.spec, emit)
                 try:

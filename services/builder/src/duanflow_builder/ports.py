@@ -82,6 +82,21 @@ class VenvBuilder(Protocol):
         ...
 
 
+class DockerBuilder(Protocol):
+    """Builds a spec as a container image and pushes it to the stack's registry."""
+
+    async def build(self, spec: ImageSpec, image_id: str, emit: Emit) -> str:
+        """Build and push ``spec`` as image ``image_id``, streaming log lines to ``emit``; its registry reference.
+
+        Raises :class:`BuildFailedError` when a step fails.
+        """
+        ...
+
+    async def exists(self, ref: str) -> bool:
+        """Whether the registry still holds ``ref``."""
+        ...
+
+
 class BuildEvents(Protocol):
     """Publishes build-log lines and build-done events."""
 

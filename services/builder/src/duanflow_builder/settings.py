@@ -34,6 +34,15 @@ class Settings(BaseSettings, frozen=True, kw_only=True):
     """Build requests handled at once by this instance."""
     stale_build_s: float = 3600.0
     """A ``building`` row older than this (a crashed builder) may be built again."""
+    docker_host: str = ""
+    """Docker engine of the docker backend (``unix:///run/docker.sock``); empty: no docker backend, and specs
+    that need one (``apt_install``, ``run_commands``) are refused."""
+    docker_registry: str = ""
+    """The stack's registry (``host:port``) docker images are pushed to and agents pull from."""
+    docker_base_image: str = ""
+    """Replaces every Dockerfile's ``FROM`` (offline hosts: a local base with Python and the DuanFlow SDK)."""
+    docker_uv_image: str = "ghcr.io/astral-sh/uv:0.5"
+    """Image the ``uv`` binary is copied from when an image has pip packages."""
 
 
 def load() -> Settings:
