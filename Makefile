@@ -55,6 +55,7 @@ dev-down: ## stop the local stack that `make dev` started
 down-dev: dev-down
 
 test: $(SYNCED) ## unit, integration and e2e tests (real NATS, Postgres and S3 on free loopback ports)
+	@PYTHON=$(PYTHON) scripts/install.sh --docker
 	@workers=""; if $(BIN)/python -c 'import xdist' 2>/dev/null; then workers="-n $(TEST_WORKERS)"; fi; \
 	set -x; $(BIN)/pytest tests -p no:cacheprovider --timeout=$(TEST_TIMEOUT) -q -ra --durations=10 \
 		$$workers $(PYTEST_ARGS)
@@ -80,9 +81,12 @@ nats-conf: $(SYNCED) ## write docker/nats/nats.conf (per-role NATS users) from t
 docs: $(SYNCED) ## regenerate the generated sections of docs/ARCHITECTURE.md (NATS layout, roles)
 	$(BIN)/python scripts/arch_doc.py
 
-BENCHES ?= remote_latency map_throughput cold_start router_sim gateway logs
+BENCHES ?= remote_latency map_throughput cold_start router_sim gateway logs queue queue_durability
 
-bench: $(SYNCED) ## every benchmark (BENCHES=...), each printing JSON lines with its floor measured in the same run
+# the peers (Ray, Celery with Debian's redis-server) come with `scripts/install.sh --peers`; one that cannot be
+# installed is skipped by the benches with a JSON line saying why
+bench: $(SYNCED) ## every benchmark (BENCHES=...), each printing JSON lines with its floor and peers measured in the same run
+	@PYTHON=$(PYTHON) scripts/install.sh --peers >&2 || echo "warning: the peers could not be installed" >&2
 	@for b in $(BENCHES); do echo "== bench/$$b.py" >&2; $(BIN)/python bench/$$b.py $(BENCH_ARGS); done
 
 up: ## start the docker-compose stack (writes ~/.duanflow/compose.env with fresh secrets once)

@@ -1,16 +1,18 @@
 """A stack of just what invocations need, for the benches: a real NATS server (JetStream, per-role users), the
-streams, each function's durable consumer (as the router creates it) and replicas started as an agent starts
-them (``python -m duanflow._runtime`` with the env of docs/CONTRACTS.md). No router, agent, Postgres or S3:
-what is measured is the invocation path itself.
+streams, each function's durable consumer (an ``@app.worker``'s queue consumer; both as the router creates them)
+and replicas started as an agent starts them (``python -m duanflow._runtime`` with the env of docs/CONTRACTS.md).
+No router, agent, Postgres or S3: what is measured is the invocation path itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import importlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -25,6 +27,7 @@ from typing import Any
 
 import nats
 from duanflow._local import servers
+from duanflow._runtime.queue_worker import is_queue_worker
 from duanflow_kit.streams import ensure_streams
 from duanflow_proto import codec, subjects
 from duanflow_proto.messages.common import Ack
@@ -51,6 +54,7 @@ class Direct:
     def replica_env(self, function: str, replica_id: str) -> dict[str, str]:
         """The environment an agent starts a replica of ``function`` with."""
         spec = self.module.app._registry()[function].spec
+        worker = is_queue_worker(spec)
         env = {k: v for k, v in os.environ.items() if not k.startswith("DUANFLOW_")}
         env.update(
             DUANFLOW_NATS_URL=self.nats.address,
@@ -62,8 +66,12 @@ class Direct:
             DUANFLOW_RELEASE="rel_20260101_0000",
             DUANFLOW_FUNCTION=function,
             DUANFLOW_MODULE=self.module.__name__,
-            DUANFLOW_STREAM=subjects.STREAM_INVOCATIONS,
-            DUANFLOW_CONSUMER=subjects.consumer_name(self.env, self.app_name, function),
+            DUANFLOW_STREAM=subjects.STREAM_QUEUES if worker else subjects.STREAM_INVOCATIONS,
+            DUANFLOW_CONSUMER=(
+                subjects.queue_consumer(self.env, spec.queue or "")
+                if worker
+                else subjects.consumer_name(self.env, self.app_name, function)
+            ),
             DUANFLOW_CONCURRENCY=str(spec.concurrency),
             DUANFLOW_TIMEOUT_S=repr(spec.timeout_s),
             CUDA_VISIBLE_DEVICES="",
@@ -120,6 +128,14 @@ def consumer_config(env: str, app: str, spec: Any, ack_wait: float | None = None
     )
 
 
+def queue_consumer_config(env: str, spec: Any, ack_wait: float | None = None) -> ConsumerConfig:
+    """An ``@app.worker``'s queue consumer, as the router creates it at deploy; ``ack_wait`` overrides."""
+    from duanflow_router.adapters.nats import queue_consumer_config as router_config
+
+    cfg = router_config(env, spec)
+    return dataclasses.replace(cfg, ack_wait=ack_wait) if ack_wait else cfg
+
+
 @contextlib.contextmanager
 def direct(app_source: str, app_name: str, ack_wait: float | None = None) -> Iterator[Direct]:
     """NATS + streams + consumers for every function of ``app_source`` (a module defining ``app``).
@@ -163,6 +179,12 @@ def direct(app_source: str, app_name: str, ack_wait: float | None = None) -> Ite
         shutil.rmtree(root, ignore_errors=True)
 
 
+def kill_9(proc: subprocess.Popen[bytes]) -> None:
+    """``kill -9`` a replica (no drain, no goodbye) and reap it."""
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+
+
 def restart_nats(d: Direct) -> None:
     """Stop the NATS server and start it again on the same port and store (file storage survives)."""
     port = int(d.nats.address.rsplit(":", 1)[1])
@@ -176,6 +198,11 @@ async def _setup(d: Direct, ack_wait: float | None) -> None:
         js = nc.jetstream()
         await ensure_streams(js)
         for fn in d.module.app._registry().values():
-            await js.add_consumer(subjects.STREAM_INVOCATIONS, consumer_config(d.env, d.app_name, fn.spec, ack_wait))
+            if is_queue_worker(fn.spec):
+                await js.add_consumer(subjects.STREAM_QUEUES, queue_consumer_config(d.env, fn.spec, ack_wait))
+            else:
+                await js.add_consumer(
+                    subjects.STREAM_INVOCATIONS, consumer_config(d.env, d.app_name, fn.spec, ack_wait)
+                )
     finally:
         await nc.close()

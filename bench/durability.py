@@ -9,7 +9,6 @@ scenario with the elapsed time and whether every result was right; exits 1 when 
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import threading
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _direct import direct, restart_nats  # type: ignore[import-not-found,unused-ignore]
+from _direct import direct, kill_9, restart_nats  # type: ignore[import-not-found,unused-ignore]
 from remote_latency import emit, note  # type: ignore[import-not-found,unused-ignore]
 
 APP = "bench-durable"
@@ -64,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         d.start_replica("square")
         fn = d.module.square
         note(f"kill -9 of a replica during a map over {args.inputs} inputs")
-        ok, elapsed, detail = run_map(fn, args.inputs, args.inputs // 5, lambda: victim.send_signal(signal.SIGKILL))
+        ok, elapsed, detail = run_map(fn, args.inputs, args.inputs // 5, lambda: kill_9(victim))
         emit(
             "durability",
             "kill_9_replica_mid_map",

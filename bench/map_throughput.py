@@ -2,8 +2,10 @@
 
 ``python bench/map_throughput.py [--inputs 100000] [--replicas 1]`` starts a NATS server, the function's
 consumer and its replicas directly (``bench/_direct.py``: no router, agent, Postgres or S3 — the invocation path
-only), then maps a trivial function over ``--inputs`` integers and checks every result. Peers (Ray, Celery) are
-measured where importable, else one line says why not. One JSON line per figure on stdout.
+only), then maps a trivial function over ``--inputs`` integers and checks every result. The peers, in the same run
+(``bench/_peers.py``): Ray (local, 2 CPUs) and Celery with a private redis-server, each mapping the same function
+over the same inputs for at most ``--peer-budget`` seconds; a peer that cannot run here gets one ``skipped`` line
+saying why. One JSON line per figure on stdout, the ratios to each peer last.
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ import asyncio
 import importlib
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _direct import direct  # type: ignore[import-not-found,unused-ignore]
+from _peers import PeerUnavailable, celery_app, ray_local, redis_server  # type: ignore[import-not-found,unused-ignore]
 from remote_latency import (  # type: ignore[import-not-found,unused-ignore]
     bench_nats_floor,
     emit,
@@ -55,21 +60,58 @@ def bench_map(fn: object, n: int) -> float:
     return n / elapsed
 
 
-def bench_ray_map(n: int) -> None:
-    """Ray: ``ray.get([f.remote(x) for x in range(n)])``."""
+def peer_map(bench: str, n: int, chunk: int, budget_s: float, run_chunk: Callable[[range], list[Any]]) -> float | None:
+    """Results/s of a peer mapping ``x + 1`` over ``range(n)`` in chunks (each checked), stopping after ``budget_s``.
+
+    None (with a ``skipped`` line saying why) when the peer cannot run here.
+    """
+    start = time.perf_counter()
+    done = 0
+    while done < n and (done == 0 or time.perf_counter() - start < budget_s):
+        xs = range(done, min(n, done + chunk))
+        values = run_chunk(xs)
+        if list(values) != [x + 1 for x in xs]:
+            raise SystemExit(f"{bench}: wrong results for inputs {xs.start}..{xs.stop - 1}")
+        done += len(xs)
+    rate = done / (time.perf_counter() - start)
+    emit(bench, "throughput", round(rate, 1), "results/s", inputs=str(done), of=str(n))
+    return rate
+
+
+def bench_ray_map(n: int, budget_s: float) -> float | None:
+    """Ray: ``ray.get([inc.remote(x) for x in chunk])`` on a local Ray instance (2 CPUs)."""
     try:
-        ray = importlib.import_module("ray")
-    except ImportError:
-        skipped("ray", "ray is not installed (pip install ray to compare)")
-        return
-    ray.init(include_dashboard=False, logging_level="ERROR")
+        with ray_local() as ray:
+            inc = ray.remote(lambda x: x + 1)
+            ray.get([inc.remote(x) for x in range(100)])  # warm: the workers are up
+            note(f"Ray: map over up to {n} inputs (at most ~{budget_s:g}s)")
+            return peer_map("ray_map", n, 10_000, budget_s, lambda xs: ray.get([inc.remote(x) for x in xs]))
+    except PeerUnavailable as exc:
+        skipped("ray_map", str(exc))
+    except Exception as exc:  # a peer's failure never ends the bench
+        skipped("ray_map", f"{type(exc).__name__}: {exc}")
+    return None
+
+
+def bench_celery_map(n: int, budget_s: float) -> float | None:
+    """Celery + Redis (a private server; prefork worker, 2 processes): ``delay(x)`` per input, joined per chunk."""
     try:
-        inc = ray.remote(lambda x: x + 1)
-        start = time.perf_counter()
-        ray.get([inc.remote(x) for x in range(n)])
-        emit("ray_map", "throughput", round(n / (time.perf_counter() - start), 1), "results/s")
-    finally:
-        ray.shutdown()
+        with redis_server() as url, celery_app(url, backend=url) as module:
+            result_set = importlib.import_module("celery.result").ResultSet
+
+            inc = module.inc
+
+            def run_chunk(xs: range) -> list[Any]:
+                return list(result_set([inc.delay(x) for x in xs]).join_native(timeout=300))
+
+            run_chunk(range(100))  # warm
+            note(f"Celery: map over up to {n} inputs (at most ~{budget_s:g}s)")
+            return peer_map("celery_map", n, 2_000, budget_s, run_chunk)
+    except PeerUnavailable as exc:
+        skipped("celery_map", str(exc))
+    except Exception as exc:  # a peer's failure never ends the bench
+        skipped("celery_map", f"{type(exc).__name__}: {exc}")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inputs", type=int, default=100_000, help="inputs mapped")
     parser.add_argument("--replicas", type=int, default=1, help="replicas of the function")
     parser.add_argument("--rounds", type=int, default=2, help="timed maps (the best is reported too)")
+    parser.add_argument("--peer-budget", type=float, default=30.0, help="seconds each peer maps for, at most")
     args = parser.parse_args(argv)
     with direct(APP_SOURCE, APP) as d:
         for _ in range(args.replicas):
@@ -89,15 +132,14 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.rounds):
             note(f"map over {args.inputs} inputs, round {i + 1}")
             rates.append(bench_map(fn, args.inputs))
-        emit("duanflow_map", "throughput_median", round(sorted(rates)[len(rates) // 2], 1), "results/s")
+        ours = sorted(rates)[len(rates) // 2]
+        emit("duanflow_map", "throughput_median", round(ours, 1), "results/s")
         emit("duanflow_map", "throughput_best", round(max(rates), 1), "results/s", inputs=str(args.inputs))
-    bench_ray_map(args.inputs)
-    try:
-        importlib.import_module("celery")
-    except ImportError:
-        skipped("celery", "celery is not installed (pip install celery to compare)")
-    else:
-        skipped("celery", "map over Celery needs a broker: run bench/remote_latency.py --celery-broker")
+    peers = {"ray_map": bench_ray_map(args.inputs, args.peer_budget)}
+    peers["celery_map"] = bench_celery_map(args.inputs, args.peer_budget)
+    for peer, rate in peers.items():
+        if rate:
+            emit("duanflow_map", f"throughput_ratio_to_{peer}", round(ours / rate, 2), "x")
     return 0
 
 

@@ -8,8 +8,9 @@ In one run (``make bench``, or ``python bench/remote_latency.py [--use-running]`
    NATS server (sequential: median and p99; ``--inflight`` at once: calls/s);
 3. deploys a trivial function with ``duanflow deploy`` and measures warm ``.remote()`` the same way (sequential
    through the sync facade; ``--inflight`` concurrent calls through ``.remote.aio()``);
-4. the peers, Ray and Celery, measured the same way where they are importable (Celery also needs a broker:
-   ``--celery-broker``), else one line saying why they were skipped.
+4. the peers, measured the same way (``bench/_peers.py``): Ray (local, 2 CPUs) and Celery with a private
+   ``redis-server`` as broker and backend (or ``--celery-broker``); a peer that cannot run here gets one line
+   saying why it was skipped.
 
 Every figure is one JSON line on stdout: ``{"bench": ..., "metric": ..., "value": ..., "unit": ...}``; progress
 goes to stderr. A stack this script started is stopped again, whatever happens.
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib
 import json
 import os
 import shutil
@@ -366,94 +366,60 @@ def skipped(peer: str, reason: str) -> None:
     emit(peer, "skipped", None, None, reason=reason)
 
 
+def _peers_module() -> Any:
+    sys.path.insert(0, str(Path(__file__).parent))
+    import _peers  # type: ignore[import-not-found,unused-ignore]
+
+    return _peers
+
+
 def bench_ray(n: int, warmup: int, total: int, inflight: int) -> None:
-    """Ray tasks on a local Ray instance: ``ray.get(f.remote(x))``, then ``inflight`` outstanding via ``ray.wait``."""
+    """Ray tasks on a local Ray instance (2 CPUs): ``ray.get(f.remote(x))``, then ``inflight`` outstanding."""
+    peers = _peers_module()
     try:
-        ray = importlib.import_module("ray")
-    except ImportError:
-        skipped("ray", "ray is not installed (pip install ray to compare)")
-        return
-    ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level="ERROR")
+        with peers.ray_local() as ray:
+            echo = ray.remote(lambda x: x)
+            note(f"Ray: {n} sequential tasks, then {total} with {inflight} in flight")
+            report_sequential("ray_task", time_sequential(lambda: ray.get(echo.remote(PAYLOAD)), n, warmup))
+            start = time.perf_counter()
+            pending = [echo.remote(PAYLOAD) for _ in range(min(inflight, total))]
+            submitted = len(pending)
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                ray.get(done)
+                if submitted < total:
+                    pending.append(echo.remote(PAYLOAD))
+                    submitted += 1
+            report_throughput("ray_task", inflight, total / (time.perf_counter() - start))
+    except peers.PeerUnavailable as exc:
+        skipped("ray", str(exc))
+    except Exception as exc:  # a peer's failure never ends the bench
+        skipped("ray", f"{type(exc).__name__}: {exc}")
+
+
+def bench_celery(broker: str, n: int, warmup: int, total: int, inflight: int) -> None:
+    """Celery tasks to a worker process (threads pool) through ``broker``, else a private redis-server."""
+    peers = _peers_module()
     try:
-        echo = ray.remote(lambda x: x)
-        note(f"Ray: {n} sequential tasks, then {total} with {inflight} in flight")
-        report_sequential("ray_task", time_sequential(lambda: ray.get(echo.remote(PAYLOAD)), n, warmup))
-        start = time.perf_counter()
-        pending = [echo.remote(PAYLOAD) for _ in range(min(inflight, total))]
-        submitted = len(pending)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            ray.get(done)
-            if submitted < total:
-                pending.append(echo.remote(PAYLOAD))
-                submitted += 1
-        report_throughput("ray_task", inflight, total / (time.perf_counter() - start))
-    finally:
-        ray.shutdown()
-
-
-CELERY_APP = textwrap.dedent(
-    """
-    import os
-
-    from celery import Celery
-
-    broker = os.environ["DUANFLOW_BENCH_CELERY_BROKER"]
-    app = Celery("bench_celery_app", broker=broker, backend=os.environ["DUANFLOW_BENCH_CELERY_BACKEND"])
-
-
-    @app.task
-    def echo(x):
-        return x
-    """
-)
-
-
-def bench_celery(broker: str, workdir: Path, n: int, warmup: int, total: int, inflight: int) -> None:
-    """Celery tasks through ``broker`` to a worker process (threads pool): ``delay(x).get()``."""
-    try:
-        importlib.import_module("celery")
-    except ImportError:
-        skipped("celery", "celery is not installed (pip install celery to compare)")
-        return
-    if not broker:
-        skipped("celery", "no broker: pass --celery-broker redis://... or amqp://... (or set CELERY_BROKER_URL)")
-        return
-    backend = broker if broker.startswith(("redis://", "rediss://")) else "rpc://"
-    (workdir / "bench_celery_app.py").write_text(CELERY_APP, encoding="utf-8")
-    env = {
-        **os.environ,
-        "DUANFLOW_BENCH_CELERY_BROKER": broker,
-        "DUANFLOW_BENCH_CELERY_BACKEND": backend,
-        "PYTHONPATH": os.pathsep.join([str(workdir), os.environ.get("PYTHONPATH", "")]),
-    }
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "bench_celery_app", "worker", "--pool", "threads", "-c", str(inflight)],
-        cwd=workdir,
-        env=env,
-        stdout=sys.stderr,
-        stderr=sys.stderr,
-    )
-    sys.path.insert(0, str(workdir))
-    os.environ.update({k: env[k] for k in ("DUANFLOW_BENCH_CELERY_BROKER", "DUANFLOW_BENCH_CELERY_BACKEND")})
-    try:
-        echo = importlib.import_module("bench_celery_app").echo
-        echo.delay(PAYLOAD).get(timeout=60)  # the worker is up
-        note(f"Celery: {n} sequential tasks, then {total} with {inflight} in flight")
-        report_sequential("celery_task", time_sequential(lambda: echo.delay(PAYLOAD).get(timeout=30), n, warmup))
-        start = time.perf_counter()
-        for first in range(0, total, inflight):
-            batch = [echo.delay(PAYLOAD) for _ in range(min(inflight, total - first))]
-            for result in batch:
-                result.get(timeout=30)
-        report_throughput("celery_task", inflight, total / (time.perf_counter() - start))
-    finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
+        with contextlib.ExitStack() as stack:
+            broker = broker or stack.enter_context(peers.redis_server())
+            backend = broker if broker.startswith(("redis://", "rediss://")) else "rpc://"
+            module = stack.enter_context(
+                peers.celery_app(broker, backend=backend, pool="threads", concurrency=inflight)
+            )
+            echo = module.echo
+            note(f"Celery: {n} sequential tasks, then {total} with {inflight} in flight")
+            report_sequential("celery_task", time_sequential(lambda: echo.delay(PAYLOAD).get(timeout=30), n, warmup))
+            start = time.perf_counter()
+            for first in range(0, total, inflight):
+                batch = [echo.delay(PAYLOAD) for _ in range(min(inflight, total - first))]
+                for result in batch:
+                    result.get(timeout=30)
+            report_throughput("celery_task", inflight, total / (time.perf_counter() - start))
+    except peers.PeerUnavailable as exc:
+        skipped("celery", str(exc))
+    except Exception as exc:  # a peer's failure never ends the bench
+        skipped("celery", f"{type(exc).__name__}: {exc}")
 
 
 # --------------------------------------------------------------------------- main
@@ -473,7 +439,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=100, help="untimed calls first")
     parser.add_argument("--inflight", type=int, default=64, help="calls outstanding in the throughput run")
     parser.add_argument("--total", type=int, default=2000, help="calls in the throughput run")
-    parser.add_argument("--celery-broker", default=os.environ.get("CELERY_BROKER_URL", ""), help="Celery broker URL")
+    parser.add_argument(
+        "--celery-broker",
+        default=os.environ.get("CELERY_BROKER_URL", ""),
+        help="Celery broker URL (default: a private redis-server started for the bench)",
+    )
     parser.add_argument("--responder", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--js-responder", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -505,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
                 asyncio.run(bench_nats_floor(nats_service_login(data_dir), *sizes))
                 bench_duanflow(deploy_bench_app(workdir), *sizes)
         bench_ray(*sizes)
-        bench_celery(args.celery_broker, workdir, *sizes)
+        bench_celery(args.celery_broker, *sizes)
     ours = MEDIANS.get("duanflow_remote")
     for other in ("nats_request_reply", "nats_jetstream_roundtrip", "ray_task", "celery_task"):
         if ours and MEDIANS.get(other):

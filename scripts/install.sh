@@ -7,6 +7,10 @@
 #
 #   scripts/install.sh              # sync .venv to uv.lock
 #   scripts/install.sh --check-lock # exit 1 when uv.lock does not match the pyproject files (`make lint`)
+#   scripts/install.sh --docker     # Debian's docker.io and docker-registry for the docker runtime's tests (as
+#                                   # root with apt-get; `make test` runs it; without them those tests skip)
+#   scripts/install.sh --peers      # also the `peers` extra (Ray, Celery, redis-py) and Debian's redis-server, for
+#                                   # `make bench`; what cannot be installed is only warned about (the bench skips it)
 set -euo pipefail
 
 PYTHON="${PYTHON:-python3}"
@@ -16,6 +20,19 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
     echo "DuanFlow needs Python >= 3.11; $PYTHON is $("$PYTHON" --version 2>&1 || echo missing)." >&2
     echo "Pick another interpreter with: make install PYTHON=/path/to/python3.11" >&2
     exit 1
+fi
+
+if [ "${1:-}" = "--docker" ]; then
+    if ! command -v dockerd >/dev/null 2>&1 || ! command -v docker-registry >/dev/null 2>&1; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+            { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io docker-registry \
+                >/dev/null; } || echo "warning: apt-get could not install docker.io: the docker tests skip" >&2
+        else
+            echo "warning: dockerd or docker-registry is missing (Debian's docker.io, docker-registry as root):" \
+                "the docker tests skip" >&2
+        fi
+    fi
+    exit 0
 fi
 
 uv_cmd() {
@@ -43,6 +60,22 @@ fi
 
 if [ "${1:-}" = "--check-lock" ]; then
     uv_cmd lock --check || { echo "uv.lock is stale: run 'uv lock' and commit it" >&2; exit 1; }
+    exit 0
+fi
+
+if [ "${1:-}" = "--peers" ]; then
+    uv_cmd sync --all-packages --frozen --extra peers --python "$PYTHON" \
+        || echo "warning: the peers extra (ray, celery, redis) could not be installed: the bench skips them" >&2
+    if ! command -v redis-server >/dev/null 2>&1; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+            { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; } \
+                || echo "warning: apt-get could not install redis-server: the bench skips Celery" >&2
+            # Debian's package starts a system redis on :6379; the benches start their own on a free port
+            if command -v service >/dev/null 2>&1; then service redis-server stop >/dev/null 2>&1 || true; fi
+        else
+            echo "warning: redis-server is missing (install Debian's redis-server as root): the bench skips Celery" >&2
+        fi
+    fi
     exit 0
 fi
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import contextlib
 import contextvars
 import secrets
 import time
@@ -10,7 +13,10 @@ from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 import cloudpickle
+import msgspec
+import nats.errors
 from duanflow_proto import codec, subjects
+from duanflow_proto.errors import PayloadTooLargeError, UnavailableError
 from duanflow_proto.messages.queue import (
     HDR_JOB_ID,
     DeadLetter,
@@ -21,10 +27,14 @@ from duanflow_proto.messages.queue import (
 )
 
 from duanflow._errors import InvalidOptionError
+from duanflow._inbox import subscribe_direct
 
 HDR_MSG_ID: Final = "Nats-Msg-Id"
-PUT_CHUNK: Final = 512
-"""Publishes of ``put_many`` in flight at once (their PubAcks awaited together)."""
+PUT_WINDOW: Final = 4096
+"""Publishes of ``put_many`` whose PubAck is awaited at once."""
+PUT_ACK_TIMEOUT_S: Final = 5.0
+"""How long ``put_many`` waits for any PubAck before it publishes the unconfirmed jobs again (same message id)."""
+PUT_ATTEMPTS: Final = 4
 
 T = TypeVar("T")
 
@@ -102,22 +112,12 @@ class Queue:
         return client.run(self._put_async, client, list(objs), job_ids)
 
     async def _put_async(self, client: Any, objs: list[Any], job_ids: list[str] | None) -> list[str]:
-        import asyncio
-
         nc = await client.connect()
-        js = nc.jetstream()
         subject = subjects.queue(client.env, self.name)
         ids = list(job_ids) if job_ids is not None else [new_job_id() for _ in objs]
         if len(ids) != len(objs):
             raise InvalidOptionError(f"put_many got {len(objs)} jobs but {len(ids)} job ids")
-        for start in range(0, len(objs), PUT_CHUNK):
-            chunk = range(start, min(start + PUT_CHUNK, len(objs)))
-            await asyncio.gather(
-                *(
-                    js.publish(subject, encode_job(objs[i]), headers={HDR_MSG_ID: ids[i], HDR_JOB_ID: ids[i]})
-                    for i in chunk
-                )
-            )
+        await _Publisher(nc, subject).publish([encode_job(obj) for obj in objs], ids)
         return ids
 
     def __len__(self) -> int:
@@ -145,6 +145,118 @@ class Queue:
         """Put up to ``limit`` dead letters back on the queue (same job ids); returns the ids replayed."""
         reply = _control(subjects.API_QUEUE_REPLAY, QueueRequest(queue=self.name, limit=limit), QueueReplayReply)
         return reply.replayed
+
+
+class _Publisher:
+    """Publishes jobs to JetStream with their PubAcks gathered on one inbox (no task or future per job).
+
+    Up to :data:`PUT_WINDOW` publishes are unconfirmed at once. Jobs not confirmed within
+    :data:`PUT_ACK_TIMEOUT_S` (a NATS restart, a lost PubAck) are published again under the same ``Nats-Msg-Id``,
+    so JetStream stores each job once (within the stream's duplicate window).
+    """
+
+    def __init__(self, nc: Any, subject: str) -> None:
+        self.nc = nc
+        self.subject = subject
+        self.inbox = nc.new_inbox()
+        self.skip = len(self.inbox) + 1
+        self.waiting: dict[str, int] = {}
+        """Reply token → index of each job published and not confirmed yet."""
+        self.progress = asyncio.Event()
+        self.low = PUT_WINDOW // 2
+        self.error: Exception | None = None
+
+    def _on_ack(self, msg: Any) -> None:
+        # In the connection's read loop (duanflow._inbox): no awaiting here.
+        if self.waiting.pop(msg.subject[self.skip :], None) is None:
+            return
+        data = msg.data
+        if not data or b'"error"' in data:
+            self.error = self.error or self._failure(msg)
+        if len(self.waiting) <= self.low:
+            self.progress.set()
+
+    def _failure(self, msg: Any) -> Exception:
+        headers = msg.headers or {}
+        if headers.get("Status") == "503":
+            return UnavailableError(
+                f"no JetStream stream takes {self.subject}: is the DuanFlow stack running (duanflow dev up)?"
+            )
+        try:
+            description = msgspec.json.decode(msg.data).get("error", {}).get("description", "")
+        except (msgspec.DecodeError, AttributeError):
+            description = msg.data[:200].decode(errors="replace")
+        if "size" in description or "payload" in description:
+            return PayloadTooLargeError(f"JetStream refused a job of {self.subject}: {description}")
+        return UnavailableError(f"JetStream refused a job of {self.subject}: {description or headers}")
+
+    async def publish(self, bodies: list[bytes], ids: list[str]) -> None:
+        """Publish every body (job ``ids[i]``); return once JetStream stored them all."""
+        limit = self.nc.max_payload
+        for i, body in enumerate(bodies):
+            if len(body) > limit:
+                raise PayloadTooLargeError(
+                    f"job {i} of put_many is {len(body)} bytes pickled; a queue message takes at most {limit}: "
+                    "put large data in df.storage and the URL in the job"
+                )
+        sub = await subscribe_direct(self.nc, f"{self.inbox}.*", self._on_ack)
+        try:
+            await self._publish_all(bodies, ids)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _publish_all(self, bodies: list[bytes], ids: list[str]) -> None:
+        todo = collections.deque(range(len(bodies)))
+        waiting = self.waiting
+        publish = self.nc.publish
+        subject, inbox = self.subject, self.inbox
+        give_up_s = PUT_ATTEMPTS * PUT_ACK_TIMEOUT_S
+        last_progress = time.monotonic()
+        while todo or waiting:
+            blocked = False
+            while todo and len(waiting) < PUT_WINDOW:
+                i = todo[0]
+                token = f"{i:x}"
+                waiting[token] = i
+                job_id = ids[i]
+                try:
+                    await publish(
+                        subject, bodies[i], reply=f"{inbox}.{token}", headers={HDR_MSG_ID: job_id, HDR_JOB_ID: job_id}
+                    )
+                except nats.errors.ConnectionClosedError:
+                    raise UnavailableError(f"the connection to NATS closed while putting jobs on {subject}") from None
+                except nats.errors.Error:
+                    # Reconnecting with the outgoing buffer full: try again shortly.
+                    del waiting[token]
+                    blocked = True
+                    break
+                todo.popleft()
+            if self.error is not None:
+                raise self.error
+            if time.monotonic() - last_progress > give_up_s:
+                raise UnavailableError(
+                    f"JetStream did not confirm {len(waiting) + len(todo)} of {len(bodies)} jobs put on "
+                    f"{subject} within {give_up_s:g}s: is NATS up?"
+                )
+            if not waiting:
+                if blocked:
+                    await asyncio.sleep(0.1)
+                continue
+            self.progress.clear()
+            if len(waiting) <= self.low and todo and not blocked:
+                continue
+            try:
+                await asyncio.wait_for(self.progress.wait(), PUT_ACK_TIMEOUT_S)
+            except TimeoutError:
+                # Unconfirmed (a NATS restart lost them or their PubAcks): publish them again, first; under the same
+                # message ids JetStream stores each once.
+                todo.extendleft(sorted(waiting.values(), reverse=True))
+                waiting.clear()
+                continue
+            last_progress = time.monotonic()
+            if self.error is not None:
+                raise self.error
 
 
 def _control(subject: str, req: QueueRequest, reply_type: type[T]) -> T:

@@ -79,6 +79,12 @@ class Puller:
         """Ask for nothing more; messages still owed keep arriving until :meth:`owed` says none are left."""
         self.draining = True
 
+    def forget(self) -> None:
+        """Forget every open request (the server lost them: it restarted), so the next top-up asks anew."""
+        self._open.clear()
+        self._expiries.clear()
+        self.credit = 0
+
     def owed(self) -> bool:
         """Whether the server may still deliver on an open request (the subscription must stay until it may not)."""
         self._forget_expired()
