@@ -2,7 +2,8 @@
 ``duanflow deploy`` of an app with a function, a generator and a lifecycle class, then from plain Python
 processes ``.remote()``, ``.remote.aio()``, ``.map()`` / ``.starmap()``, ``.spawn()`` with
 ``FunctionCall.from_id(...).get()`` in another process, ``.remote_gen()``, ``Model().predict.remote()`` and
-``Function.from_name``; then ``duanflow dev down``."""
+``Function.from_name``; ``duanflow run`` of a local entrypoint whose map draws a progress bar; then
+``duanflow dev down``."""
 
 from __future__ import annotations
 
@@ -34,6 +35,11 @@ def add(a: int, b: int) -> int:
 @app.function(timeout=60)
 def countdown(n: int):
     yield from range(n, 0, -1)
+
+
+@app.local_entrypoint()
+def main(n: int = 10) -> int:
+    return sum(square.map(range(n)))
 
 
 @app.cls(timeout=60)
@@ -102,6 +108,12 @@ def test_every_call_style_against_the_local_stack(tmp_path: Path) -> None:
         got = python(home, GET.format(call_id=out["spawned"]), timeout=120)
         assert got.returncode == 0, got.stdout + got.stderr
         assert json.loads(got.stdout.strip().splitlines()[-1]) == 144
+
+        # A local entrypoint runs in the CLI; its 100,000-input map draws a progress bar on stderr.
+        run = cli(home, "run", f"{app_file}::main", "--n", "100000", timeout=240)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert run.stdout.strip().splitlines()[-1] == str(sum(x * x for x in range(100_000)))
+        assert "square.map()" in run.stderr and "100000/100000" in run.stderr, run.stderr
 
         down = cli(home, "dev", "down", "--data-dir", data, timeout=120)
         assert down.returncode == 0, down.stdout + down.stderr

@@ -1,5 +1,6 @@
 """Arguments and results over ~1 MiB travel through S3, with presigned URLs from a real router (Postgres, S3 and
-NATS started by the session's fixtures), to a real replica: a 100 MiB argument and a 5 MiB result arrive intact."""
+NATS started by the session's fixtures), to a real replica: a 100 MiB argument and a 5 MiB result arrive intact, and
+so do the large inputs and results of a ``.map()``."""
 
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ async def router(infra: Any, unique: str, nc_service: Any) -> AsyncIterator[Sett
         await app.service.broker.stop()
 
 
-async def test_a_100_mib_argument_and_a_5_mib_result_travel_through_s3(
+async def test_large_arguments_and_results_travel_through_s3_in_calls_and_maps(
     router: Settings, infra: Any, unique: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     env, app_name, module_name = f"p{unique}", f"pl-{unique}", f"payload_app_{unique}"
@@ -163,6 +164,13 @@ async def test_a_100_mib_argument_and_a_5_mib_result_travel_through_s3(
         assert await module.digest.remote.aio(big) == (len(big), hashlib.sha256(big).hexdigest())
         blob = await module.blob.remote.aio(5 * 2**20)
         assert blob == bytes(range(256)) * (5 * 2**20 // 256)
+        # .map(): each input and each result over ~1 MiB goes through S3 on its own; the small ones stay inline.
+        inputs = [b"small", os.urandom(9 * 2**20), b"", os.urandom(2**20 + 1)]  # 9 MiB: over any message
+        digests = [r async for r in module.digest.map.aio(inputs)]
+        assert digests == [(len(x), hashlib.sha256(x).hexdigest()) for x in inputs]
+        sizes = [256, 9 * 2**20, 512, 2 * 2**20]
+        blobs = [r async for r in module.blob.map.aio(sizes)]
+        assert blobs == [bytes(range(256)) * (n // 256) for n in sizes]
     finally:
         _client.reset_client()
         await nc.close()

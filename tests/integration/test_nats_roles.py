@@ -34,7 +34,14 @@ async def _violations(
 
 @pytest.mark.parametrize(
     "subject",
-    [subjects.API_SECRET_CREATE, subjects.API_SECRET_LIST, subjects.API_DEPLOY, subjects.API_PRICE_SET],
+    [
+        subjects.API_SECRET_CREATE,
+        subjects.API_SECRET_LIST,
+        subjects.API_DEPLOY,
+        subjects.API_PRICE_SET,
+        subjects.API_JOB_SUBMIT,
+        subjects.API_JOB_CANCEL,
+    ],
 )
 async def test_agent_role_may_not_call_platform_changing_apis(
     nats_server: tuple[servers.Proc, servers.NatsCredentials], subject: str

@@ -5,17 +5,16 @@ a receiver in this test) share one trace id, linked parent to child through the 
 from __future__ import annotations
 
 import asyncio
-import http.server
 import importlib
 import os
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import nats
 import pytest
@@ -23,10 +22,11 @@ from duanflow import _client, _telemetry
 from duanflow._local import servers
 from duanflow_kit.streams import ensure_streams
 from duanflow_proto import subjects
+from fixtures.otlp import Received, ReceivedSpan, otlp_receiver
 from fixtures.waiting import eventually_sync
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -46,28 +46,6 @@ def double(x):
 """
 
 
-class TrReceiver(http.server.BaseHTTPRequestHandler):
-    """An OTLP/HTTP trace receiver: keeps (trace id, span id, parent id, name) of every span posted."""
-
-    spans: list[tuple[str, str, str, str]] = []
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        req = trace_service_pb2.ExportTraceServiceRequest()
-        req.ParseFromString(body)
-        for rs in req.resource_spans:
-            for ss in rs.scope_spans:
-                for s in ss.spans:
-                    self.spans.append((s.trace_id.hex(), s.span_id.hex(), s.parent_span_id.hex(), s.name))
-        self.send_response(200)
-        self.send_header("Content-Type", "application/x-protobuf")
-        self.end_headers()
-        self.wfile.write(trace_service_pb2.ExportTraceServiceResponse().SerializeToString())
-
-    def log_message(self, *args: Any) -> None:
-        return None
-
-
 @pytest.fixture
 def tr_exporter() -> Iterator[InMemorySpanExporter]:
     exporter = InMemorySpanExporter()
@@ -84,16 +62,9 @@ def tr_exporter() -> Iterator[InMemorySpanExporter]:
 
 
 @pytest.fixture
-def tr_receiver() -> Iterator[str]:
-    TrReceiver.spans = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), TrReceiver)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+def tr_receiver() -> Iterator[Received]:
+    with otlp_receiver() as received:
+        yield received
 
 
 async def tr_setup(url: str, password: str, env: str, app: str) -> None:
@@ -115,25 +86,39 @@ async def tr_setup(url: str, password: str, env: str, app: str) -> None:
         await nc.close()
 
 
-def test_one_remote_call_is_one_connected_trace(
-    nats_server: tuple[servers.Proc, servers.NatsCredentials],
+def tr_pending(url: str, password: str, env: str, app: str) -> int:
+    """Calls of ``double`` waiting in its consumer."""
+
+    async def read() -> int:
+        nc = await nats.connect(url, user="service", password=password)
+        try:
+            info = await nc.jetstream().consumer_info(
+                subjects.STREAM_INVOCATIONS, subjects.consumer_name(env, app, "double")
+            )
+            return int(info.num_pending or 0)
+        finally:
+            await nc.close()
+
+    return asyncio.run(read())
+
+
+def tr_replica(
+    url: str,
+    creds: servers.NatsCredentials,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    tr_exporter: InMemorySpanExporter,
-    tr_receiver: str,
-) -> None:
-    token = uuid.uuid4().hex[:8]
-    env, app, module_name = f"e{token}", f"tr-{token}", f"traced_app_{token}"
-    (tmp_path / f"{module_name}.py").write_text(textwrap.dedent(TR_APP_SOURCE.format(app=app)))
-    url, creds = nats_server[0].address, nats_server[1]
-    asyncio.run(tr_setup(url, creds.service, env, app))
-    replica_id = f"rp-{token}"
+    env: str,
+    app: str,
+    module_name: str,
+    receiver: Received,
+    **extra: str,
+) -> subprocess.Popen[bytes]:
+    """A real ``python -m duanflow._runtime`` serving ``double``, exporting its spans to ``receiver``."""
     renv = {k: v for k, v in os.environ.items() if not k.startswith(("DUANFLOW_", "OTEL_"))}
     renv.update(
         DUANFLOW_NATS_URL=url,
         DUANFLOW_NATS_USER="agent",
         DUANFLOW_NATS_PASSWORD=creds.agent,
-        DUANFLOW_REPLICA_ID=replica_id,
+        DUANFLOW_REPLICA_ID=f"rp-{uuid.uuid4().hex[:8]}",
         DUANFLOW_ENV=env,
         DUANFLOW_APP=app,
         DUANFLOW_RELEASE="rel_20260101_0000",
@@ -146,16 +131,22 @@ def test_one_remote_call_is_one_connected_trace(
         DUANFLOW_SIMULATED_GPU="1",
         CUDA_VISIBLE_DEVICES="",
         PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
-        OTEL_EXPORTER_OTLP_ENDPOINT=tr_receiver,
+        OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url,
         OTEL_BSP_SCHEDULE_DELAY="50",
+        **extra,
     )
-    replica = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, "-m", "duanflow._runtime"],
         cwd=tmp_path,
         env=renv,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
+
+
+def tr_client(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, url: str, creds: servers.NatsCredentials, env: str
+) -> None:
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("DUANFLOW_NATS_URL", url)
     monkeypatch.setenv("DUANFLOW_NATS_USER", "client")
@@ -163,6 +154,33 @@ def test_one_remote_call_is_one_connected_trace(
     monkeypatch.setenv("DUANFLOW_ENV", env)
     monkeypatch.setenv("DUANFLOW_HOME", str(tmp_path / "home"))
     _client.reset_client()
+
+
+def tr_replica_spans(replica: subprocess.Popen[bytes], received: Received, names: set[str]) -> dict[str, ReceivedSpan]:
+    """The replica's spans by name, once every one of ``names`` arrived at the receiver."""
+
+    def arrived() -> dict[str, ReceivedSpan]:
+        assert replica.poll() is None, replica.stdout.read() if replica.stdout else ""
+        got = {s.name: s for s in received.spans}
+        return got if names <= got.keys() else {}
+
+    return eventually_sync(arrived, timeout=30)
+
+
+def test_one_remote_call_is_one_connected_trace(
+    nats_server: tuple[servers.Proc, servers.NatsCredentials],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tr_exporter: InMemorySpanExporter,
+    tr_receiver: Received,
+) -> None:
+    token = uuid.uuid4().hex[:8]
+    env, app, module_name = f"e{token}", f"tr-{token}", f"traced_app_{token}"
+    (tmp_path / f"{module_name}.py").write_text(textwrap.dedent(TR_APP_SOURCE.format(app=app)))
+    url, creds = nats_server[0].address, nats_server[1]
+    asyncio.run(tr_setup(url, creds.service, env, app))
+    replica = tr_replica(url, creds, tmp_path, env, app, module_name, tr_receiver)
+    tr_client(monkeypatch, tmp_path, url, creds, env)
     try:
         module = importlib.import_module(module_name)
         assert _telemetry.enabled()
@@ -173,17 +191,69 @@ def test_one_remote_call_is_one_connected_trace(
         trace_id = f"{root.get_span_context().trace_id:032x}"
         assert invoke.parent is not None and invoke.parent.span_id == root.get_span_context().span_id
         invoke_id = f"{invoke.context.span_id:016x}"
-
-        def replica_spans() -> dict[str, tuple[str, str, str, str]]:
-            assert replica.poll() is None, replica.stdout.read() if replica.stdout else ""
-            got = {s[3]: s for s in TrReceiver.spans}
-            return got if {"queue wait", "execute double", "result"} <= got.keys() else {}
-
-        theirs = eventually_sync(replica_spans, timeout=30)
-        assert {s[0] for s in theirs.values()} == {trace_id}  # one trace, across processes
-        assert theirs["queue wait"][2] == invoke_id and theirs["execute double"][2] == invoke_id
-        assert theirs["result"][2] == theirs["execute double"][1]
+        theirs = tr_replica_spans(replica, tr_receiver, {"queue wait", "execute double", "result"})
+        assert {s.trace_id for s in theirs.values()} == {trace_id}  # one trace, across processes
+        assert theirs["queue wait"].parent_id == invoke_id and theirs["execute double"].parent_id == invoke_id
+        assert theirs["result"].parent_id == theirs["execute double"].span_id
+        # a second call, made once the replica is ready, did not wait on a cold start: none in its trace
+        with trace.get_tracer("test").start_as_current_span("second request") as second:
+            assert module.double.remote(1) == 2
+        again = f"{second.get_span_context().trace_id:032x}"
+        eventually_sync(lambda: tr_receiver.in_trace(again).keys() >= {"execute double", "result"})
+        assert "cold start" not in tr_receiver.in_trace(again)
     finally:
         _client.reset_client()
         replica.terminate()
         replica.wait(15)
+
+
+def test_a_call_that_waited_for_its_replica_shows_the_cold_start(
+    nats_server: tuple[servers.Proc, servers.NatsCredentials],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tr_exporter: InMemorySpanExporter,
+    tr_receiver: Received,
+) -> None:
+    """The call is queued first; the replica starts afterwards: the call's trace holds the whole cold start (from
+    the agent's start command, ``DUANFLOW_STARTED_NS``, to readiness) and its phases, next to the other spans."""
+    token = uuid.uuid4().hex[:8]
+    env, app, module_name = f"e{token}", f"tr-{token}", f"traced_cold_{token}"
+    (tmp_path / f"{module_name}.py").write_text(textwrap.dedent(TR_APP_SOURCE.format(app=app)))
+    url, creds = nats_server[0].address, nats_server[1]
+    asyncio.run(tr_setup(url, creds.service, env, app))
+    tr_client(monkeypatch, tmp_path, url, creds, env)
+    results: list[int] = []
+    module = importlib.import_module(module_name)
+    replica: subprocess.Popen[bytes] | None = None
+    try:
+        with trace.get_tracer("test").start_as_current_span("user request") as root:
+            ctx = otel_context.get_current()
+
+            def call() -> None:
+                otel_context.attach(ctx)  # the caller's trace, on the caller's thread
+                results.append(module.double.remote(4))
+
+            caller = threading.Thread(target=call, daemon=True)
+            caller.start()
+            eventually_sync(lambda: tr_pending(url, creds.service, env, app) == 1, timeout=20)
+            started_ns = time.time_ns()
+            replica = tr_replica(
+                url, creds, tmp_path, env, app, module_name, tr_receiver, DUANFLOW_STARTED_NS=str(started_ns)
+            )
+            caller.join(30)
+        assert results == [8]
+        invoke = {s.name: s for s in tr_exporter.get_finished_spans()}[f"invoke {app}.double"]
+        invoke_id = f"{invoke.context.span_id:016x}"
+        names = {"queue wait", "cold start", "spawn", "load code", "connect", "execute double", "result"}
+        theirs = tr_replica_spans(replica, tr_receiver, names)
+        assert {theirs[n].trace_id for n in names} == {f"{root.get_span_context().trace_id:032x}"}
+        cold = theirs["cold start"]
+        assert cold.parent_id == invoke_id and theirs["execute double"].parent_id == invoke_id
+        assert all(theirs[p].parent_id == cold.span_id for p in ("spawn", "load code", "connect"))
+        assert cold.start_ns == started_ns and cold.end_ns == theirs["connect"].end_ns
+        assert theirs["spawn"].start_ns == started_ns and theirs["load code"].start_ns == theirs["spawn"].end_ns
+    finally:
+        _client.reset_client()
+        if replica is not None:
+            replica.terminate()
+            replica.wait(15)

@@ -117,6 +117,13 @@ class FunctionTimeoutError(DeadlineExceededError):
     code = "function_timeout"
 
 
+class CallCancelledError(DuanFlowError):
+    """The call was cancelled (``FunctionCall.cancel()``) before it finished."""
+
+    code = "cancelled"
+    http_status = 409
+
+
 class RemoteError(DuanFlowError):
     """The user's function raised; the remote traceback is attached."""
 

@@ -5,10 +5,12 @@ This module is the single source of truth: no other module writes a subject as a
 | name | pattern | kind | who publishes → who consumes |
 |---|---|---|---|
 | invocation | ``duanflow.inv.<env>.<app>.<function>`` | JS ``DUANFLOW_INV`` (work queue) | SDK, gateway → replicas |
+| job invocation | ``duanflow.inv.<env>.<app>.<function>.<job>`` | JS ``DUANFLOW_INV`` | router → job replica |
 | queue | ``duanflow.queue.<env>.<queue>`` | JetStream ``DUANFLOW_QUEUE`` (work queue) | SDK → worker replicas |
 | dead letter | ``duanflow.dlq.<env>.<queue>`` | JetStream ``DUANFLOW_DLQ`` (limits) | worker replicas → CLI |
 | logs | ``duanflow.logs.<env>.<app>.<kind>.<source>`` | JS ``DUANFLOW_LOGS`` (limits) | all → log service, CLI |
 | events | ``duanflow.evt.<domain>.<name>`` | JetStream ``DUANFLOW_EVENTS`` (limits) | services → services |
+| job event | ``duanflow.evt.job.<job>`` | JetStream ``DUANFLOW_EVENTS`` (limits) | job replica → router |
 | capacity | ``duanflow.agent.cap.<agent>`` | core NATS | agents → router |
 | agent command | ``duanflow.agent.cmd.<agent>.<verb>`` | core request/reply | router → agent |
 | replica ready | ``duanflow.agent.ready.<replica>`` | core NATS | replica → agent |
@@ -23,7 +25,8 @@ This module is the single source of truth: no other module writes a subject as a
 Request/reply subjects are never captured by a stream: a stream would answer with its PubAck.
 
 KV buckets: ``duanflow_capacity`` (agent reports, TTL), ``duanflow_routes`` (gateway route table),
-``duanflow_results`` (results of spawned calls, TTL), ``duanflow_prices``, ``duanflow_leader``.
+``duanflow_results`` (results of spawned calls, TTL), ``duanflow_cancels`` (ids of cancelled calls, TTL; watched
+by replicas), ``duanflow_prices``, ``duanflow_leader``.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ CONSUMER_LOGS_ARCHIVER: Final = "logs_archiver"
 KV_CAPACITY: Final = "duanflow_capacity"
 KV_ROUTES: Final = "duanflow_routes"
 KV_RESULTS: Final = "duanflow_results"
+KV_CANCELS: Final = "duanflow_cancels"
+"""Cancelled calls: key = call id (``FunctionCall.cancel()``); replicas watch it and skip or stop those inputs."""
 KV_PRICES: Final = "duanflow_prices"
 KV_LEADER: Final = "duanflow_leader"
 
@@ -93,6 +98,21 @@ def consumer_next(stream: str, consumer: str) -> str:
 def consumer_name(env: str, app: str, function: str) -> str:
     """Durable consumer name of one function: stable across releases so in-flight calls survive a deploy."""
     return f"fn_{token(env)}_{token(app)}_{token(function)}".replace("-", "_")
+
+
+def job_invocation(env: str, app: str, function: str, job_id: str) -> str:
+    """Subject of the one invocation of a job: below its function's subject, outside that function's consumer."""
+    return f"{invocation(env, app, function)}.{token(job_id)}"
+
+
+def job_consumer(job_id: str) -> str:
+    """Durable consumer of one job on ``DUANFLOW_INV`` (its dedicated replica pulls its one input from it)."""
+    return f"job_{token(job_id)}".replace("-", "_")
+
+
+def job_event(job_id: str) -> str:
+    """Subject a job's replica reports on (``JobEvent``: running, then how it ended); the router listens."""
+    return event("job", job_id)
 
 
 def queue(env: str, name: str) -> str:
@@ -199,6 +219,16 @@ API_STORAGE_URL: Final = api("storage", "url")
 """``StorageRequest`` → ``StorageReply``: presigned URL of one ``s3://bucket/key`` object, or whether it exists."""
 API_STORAGE_LIST: Final = api("storage", "list")
 """``StorageRequest`` → ``StorageReply``: keys under a prefix (router)."""
+API_JOB_SUBMIT: Final = api("job", "submit")
+"""``JobSubmit`` → ``JobInfo``: start one run of a job function on dedicated GPUs (router)."""
+API_JOB_LIST: Final = api("job", "list")
+"""``JobListRequest`` → ``JobList``: jobs newest first (router)."""
+API_JOB_STATUS: Final = api("job", "status")
+"""``JobRef`` → ``JobInfo``: one job's state, times and error (router)."""
+API_JOB_CANCEL: Final = api("job", "cancel")
+"""``JobRef`` → ``JobInfo``: cancel a job (its replica is stopped and its GPUs freed) (router)."""
+JOB_EVENTS_ALL: Final = f"{PREFIX}.evt.job.*"
+"""Every job's events (the router subscribes)."""
 
 
 PUB_ACK_SUFFIX: Final = ".ack"

@@ -20,6 +20,7 @@ from duanflow._auth import Auth
 from duanflow._cls import Cls, enter, exit, method
 from duanflow._errors import (
     BuildFailedError,
+    CallCancelledError,
     ConflictError,
     DeadlineExceededError,
     DeserializationError,
@@ -39,6 +40,7 @@ from duanflow._errors import (
 )
 from duanflow._function import Function, FunctionCall
 from duanflow._image import Image
+from duanflow._job import Job
 from duanflow._queue import Queue, current_job_id
 from duanflow._request import Request
 from duanflow._response import Response
@@ -51,6 +53,7 @@ __all__ = [
     "App",
     "Auth",
     "BuildFailedError",
+    "CallCancelledError",
     "Cls",
     "ConflictError",
     "DeadlineExceededError",
@@ -63,6 +66,7 @@ __all__ = [
     "InternalError",
     "InvalidInputError",
     "InvalidOptionError",
+    "Job",
     "NoCapacityError",
     "NoMatchingGpuError",
     "NotFoundError",

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Final, ParamSpec, TypeVar, overload
 
 from duanflow_proto import subjects
+from duanflow_proto.messages.jobs import JobSpec
 from duanflow_proto.messages.release import AppSpec, FunctionSpec
 
 from duanflow._auth import Auth
@@ -19,10 +20,19 @@ from duanflow._endpoint import endpoint_decorator, with_bearer_token
 from duanflow._errors import InvalidOptionError
 from duanflow._function import Function
 from duanflow._image import Image, env_dict
+from duanflow._job import JobFunction
 from duanflow._queue import Queue
 from duanflow._retries import Retries
 from duanflow._secret import secret_names
-from duanflow._spec import COMMON_OPTIONS, WORKER_OPTIONS, check_options, function_spec, queue_name
+from duanflow._spec import (
+    COMMON_OPTIONS,
+    DEFAULT_JOB_TIMEOUT_S,
+    JOB_OPTIONS,
+    WORKER_OPTIONS,
+    check_options,
+    function_spec,
+    queue_name,
+)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -70,6 +80,7 @@ class App:
         self._secrets = secret_names(secrets)
         self._env = env_dict(env, "App(env=)")
         self._functions: dict[str, Function[..., Any]] = {}
+        self._entrypoints: dict[str, Callable[..., Any]] = {}
         self._module_file = _caller_file()
         _apps.add(self)
 
@@ -214,7 +225,9 @@ class App:
         """Serve a function over HTTP through the gateway, at ``method`` + ``path`` (``{name}`` segments allowed).
 
         ``auth=df.Auth.bearer("NAME")`` requires ``Authorization: Bearer <value of NAME>`` (from the app's env);
-        ``burst`` caps concurrent requests (429 above); ``stream`` is how a returned generator is sent: ``auto``
+        ``burst`` caps the requests in flight at once **per gateway instance** (above it: 429 with ``Retry-After``);
+        behind N gateways the endpoint takes up to N * ``burst`` at once, so divide by the number of gateways you run
+        when a total matters. ``stream`` is how a returned generator is sent: ``auto``
         (SSE when the client accepts ``text/event-stream``, else chunked), ``chunked`` or ``sse``. Every option of
         ``@app.function`` applies too (``gpu``, ``keep_warm``, ``timeout``...). The function takes the
         :class:`~duanflow.Request` (a parameter named ``request``) and returns dict/list (JSON), str (text),
@@ -271,6 +284,74 @@ class App:
             return self._register(Function(name=spec.name, raw_f=f, spec=spec, app=self, image=image))
 
         return decorate
+
+    def job(self, **options: Any) -> Callable[[Callable[..., Any]], JobFunction[..., Any]]:
+        """Declare a long GPU job: each ``.spawn(...)`` runs once on its own replica, then frees its GPUs.
+
+        ``gpu_count`` GPUs on one host (``CUDA_VISIBLE_DEVICES`` lists them), never shared with another job;
+        past ``timeout`` seconds (default 3600) the run is stopped and marked ``timed_out``. Takes ``gpu``,
+        ``memory``, ``timeout``, ``region``, ``optimize``, ``max_price``, ``gpu_count``, ``secrets``,
+        ``image``, ``env``; deploys keep no replica of it warm. ``.remote(...)`` submits and waits.
+
+        Example::
+
+            @app.job(gpu="A100-80G", gpu_count=4, timeout=10800)
+            def train_lora(dataset_uri):
+                return trainer.fit(dataset_uri, rank=16)
+
+            job = train_lora.spawn("s3://datasets/tickets.jsonl")   # a df.Job
+            job.status().state, job.get()
+        """
+        check_options(options, JOB_OPTIONS, "app.job")
+        image = options.pop("image", None)
+        if image is not None and not isinstance(image, Image):
+            raise InvalidOptionError(f"image= takes a df.Image, got {image!r}", details={"option": "image"})
+        options.setdefault("timeout", DEFAULT_JOB_TIMEOUT_S)
+        function_spec("options_check", kind="job", job=JobSpec(), **options)
+
+        def decorate(f: Callable[..., Any]) -> JobFunction[..., Any]:
+            if isinstance(f, Function) or not callable(f):
+                raise InvalidOptionError(f"@app.job decorates a plain function, got {f!r}")
+            if inspect.isgeneratorfunction(f) or inspect.isasyncgenfunction(f) or inspect.isclass(f):
+                raise InvalidOptionError(f"@app.job decorates a function that returns once, got {f!r}")
+            spec = function_spec(getattr(f, "__name__", ""), kind="job", job=JobSpec(), **options)
+            fn: JobFunction[..., Any] = JobFunction(name=spec.name, raw_f=f, spec=spec, app=self, image=image)
+            self._register(fn)
+            return fn
+
+        return decorate
+
+    def local_entrypoint(self) -> Callable[[Callable[P, R]], Callable[P, R]]:
+        """Mark a function that ``duanflow run FILE::NAME`` runs here, on this machine, after deploying the app.
+
+        Its parameters become command-line options, as for ``duanflow run`` of a remote function; a ``.map()``
+        inside it shows a progress bar. The function itself is returned unchanged.
+
+        Example::
+
+            @app.local_entrypoint()
+            def main(n: int = 1000):
+                print(sum(square.map(range(n))))
+
+            # duanflow run app.py::main --n 100000
+        """
+
+        def decorate(f: Callable[P, R]) -> Callable[P, R]:
+            name = getattr(f, "__name__", "")
+            if not callable(f) or not name or name in self._functions:
+                raise InvalidOptionError(
+                    f"@app.local_entrypoint() takes a plain function whose name is not a function of app "
+                    f"{self._name!r}, got {f!r}",
+                    details={"function": name},
+                )
+            self._entrypoints[name] = f
+            return f
+
+        return decorate
+
+    def _local_entrypoints(self) -> dict[str, Callable[..., Any]]:
+        """The app's local entrypoints by name (``duanflow run`` looks them up)."""
+        return dict(self._entrypoints)
 
     def _register(self, fn: Function[..., Any]) -> Function[..., Any]:
         if fn.name in self._functions:

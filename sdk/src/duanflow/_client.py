@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final, Protocol, TypeVar
 from urllib.parse import urlsplit
 
@@ -35,6 +35,7 @@ from nats.aio.msg import Msg
 
 from duanflow import _config, _telemetry
 from duanflow._errors import (
+    CallCancelledError,
     DeadlineExceededError,
     DeserializationError,
     FunctionTimeoutError,
@@ -114,6 +115,10 @@ class Client:
     def env(self) -> str:
         """The default environment of the profile."""
         return self.profile.env or "main"
+
+    def use_env(self, env: str) -> None:
+        """Call functions in ``env`` from now on (``duanflow run --env`` of a local entrypoint)."""
+        self._profile = replace(self.profile, env=env)
 
     def run(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
         """Run ``fn(*args)`` on the client's loop and wait for it: the sync facade (one future, no other hop).
@@ -584,6 +589,26 @@ class Client:
             )
         return target, call_id
 
+    async def _bucket(self, name: str) -> Any:
+        if self._js is None:
+            await self.connect()
+        try:
+            return await self._js.key_value(name)
+        except nats.js.errors.BucketNotFoundError:
+            raise UnavailableError(f"the bucket {name} does not exist: is the stack running?") from None
+
+    async def cancel(self, call_id: str) -> None:
+        """Cancel a spawned call: record its id in the cancels bucket, which every replica watches.
+
+        A replica skips a cancelled input it has not started and stops one it is running (a sync function's
+        thread cannot be stopped: it runs on, detached, and its result is dropped). A waiter here fails at once.
+        """
+        cancels = await self._bucket(subjects.KV_CANCELS)
+        await cancels.put(call_id, str(int(time.time() * 1000)).encode())
+        waiter = self._pending.get(call_id)
+        if isinstance(waiter, asyncio.Future) and not waiter.done():
+            waiter.set_exception(CallCancelledError(f"call {call_id} was cancelled", details={"call_id": call_id}))
+
     async def wait_result(self, call_id: str, timeout: float) -> bytes:  # noqa: ASYNC109
         """The raw Result of a spawned call: from this client's inbox, else polled from the results bucket."""
         future = self._pending.get(call_id)
@@ -596,14 +621,8 @@ class Client:
                 ) from None
             self._pending.pop(call_id, None)
             return await self.inline_result(data)
-        if self._js is None:
-            await self.connect()
-        try:
-            kv = await self._js.key_value(subjects.KV_RESULTS)
-        except nats.js.errors.BucketNotFoundError:
-            raise UnavailableError(
-                f"the results bucket {subjects.KV_RESULTS} does not exist: is the stack running?"
-            ) from None
+        kv = await self._bucket(subjects.KV_RESULTS)
+        cancels = await self._bucket(subjects.KV_CANCELS)
         deadline = time.monotonic() + timeout
         delay = 0.02
         while True:
@@ -613,6 +632,8 @@ class Client:
                 entry = None
             if entry is not None and entry.value:
                 return await self.inline_result(bytes(entry.value))
+            if await _has_key(cancels, call_id):
+                raise CallCancelledError(f"call {call_id} was cancelled", details={"call_id": call_id})
             if time.monotonic() >= deadline:
                 raise DeadlineExceededError(
                     f"call {call_id} has no result within {timeout:g}s", details={"call_id": call_id}
@@ -757,6 +778,14 @@ async def _check_reachable(url: str, where: str) -> None:
     writer.close()
     with contextlib.suppress(Exception):
         await writer.wait_closed()
+
+
+async def _has_key(kv: Any, key: str) -> bool:
+    try:
+        entry = await kv.get(key)
+    except nats.js.errors.KeyNotFoundError:
+        return False
+    return entry is not None and entry.value is not None
 
 
 def decode_reply(data: bytes, reply_type: type[T]) -> T:

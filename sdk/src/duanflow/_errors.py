@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from duanflow_proto.errors import (
+    CallCancelledError,
     ConflictError,
     DeadlineExceededError,
     DeserializationError,
@@ -22,6 +23,7 @@ from duanflow_proto.errors import (
 
 __all__ = [
     "BuildFailedError",
+    "CallCancelledError",
     "ConflictError",
     "DeadlineExceededError",
     "DeserializationError",

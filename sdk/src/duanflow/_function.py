@@ -94,6 +94,36 @@ class _Spawn(Generic[P, R]):
         return FunctionCall(call_id, function=fn.label, wait_s=target.wait_s, gpu=target.gpu_label)
 
 
+class _Cancel:
+    """``call.cancel()``: a replica skips the call if it has not started, or stops it if it is running.
+
+    ``get()`` then raises :class:`duanflow.CallCancelledError`; a call that already finished keeps its result. An
+    async function is cancelled where it awaits; a sync function's thread cannot be stopped, so it runs on,
+    detached, and what it returns is dropped.
+
+    Example::
+
+        call = train.spawn(config)
+        call.cancel()                # or, in async code: await call.cancel.aio()
+    """
+
+    __slots__ = ("_call_id",)
+
+    def __init__(self, call_id: str) -> None:
+        self._call_id = call_id
+
+    def __call__(self) -> None:
+        """Cancel the call (returns once the cancellation is stored)."""
+        ensure_blocking_allowed("FunctionCall.cancel()", "`await call.cancel.aio()`")
+        client = get_client()
+        client.run(client.cancel, self._call_id)
+
+    async def aio(self) -> None:
+        """Cancel the call without blocking the event loop."""
+        client = get_client()
+        await client.run_async(client.cancel, self._call_id)
+
+
 class _Get(Generic[R]):
     """``call.get(timeout)`` waits for a spawned call's result; ``await call.get.aio(timeout)`` is its async form."""
 
@@ -140,6 +170,8 @@ class FunctionCall(Generic[R]):
 
     get: _Get[R]
     """Wait for the result: ``call.get(timeout=None)``; async: ``await call.get.aio(timeout=None)``."""
+    cancel: _Cancel
+    """Cancel the call: ``call.cancel()``; async: ``await call.cancel.aio()``."""
 
     def __init__(self, call_id: str, *, function: str = "", wait_s: float | None = None, gpu: str = "GPU") -> None:
         self._call_id = call_id
@@ -148,6 +180,7 @@ class FunctionCall(Generic[R]):
         self._gpu = gpu
         self._data: bytes | None = None
         self.get = _Get(self)
+        self.cancel = _Cancel(self._call_id)
 
     @classmethod
     def from_id(cls, call_id: str) -> FunctionCall[Any]:

@@ -17,7 +17,7 @@ import pickle
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import cloudpickle
 import msgspec
@@ -25,6 +25,7 @@ from duanflow_proto import codec
 from duanflow_proto.messages.invocation import CODEC_CLOUDPICKLE, InvocationBatch, Result, ResultBatch
 
 from duanflow._client import (
+    _NO_REF,
     PYTHON,
     Client,
     Target,
@@ -34,6 +35,9 @@ from duanflow._client import (
     unwrap_result,
 )
 from duanflow._errors import FunctionTimeoutError, InvalidInputError
+from duanflow._payload import INLINE_MAX
+from duanflow._payload import fetch as fetch_payload
+from duanflow._payload import store as store_payload
 
 if TYPE_CHECKING:
     from duanflow._function import Function
@@ -47,6 +51,9 @@ MAX_BATCH_BYTES: Final = 256 * 1024
 BATCH_TARGET_S: Final = 0.004
 """Work per batch the size aims at."""
 _PLAIN: Final = frozenset({int, float, str, bytes, bool, type(None)})
+_REF_FIELD: Final = _NO_REF[:-1]
+"""How an encoded Result spells its ``payload_ref`` field: a result batch where this count differs from the
+count of empty ones (``_NO_REF``) has a result stored in S3."""
 
 
 def pickle_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
@@ -90,7 +97,33 @@ class MapRun:
     # -- client loop side ----------------------------------------------------------------------------------
 
     def on_data(self, data: bytes) -> None:
-        """A ResultBatch (or a stray Result) arrived (read loop): queue it for the caller."""
+        """A ResultBatch (or a stray Result) arrived (read loop): queue it for the caller.
+
+        Results stored in S3 (``payload_ref``) are fetched first, on the loop, and queued with their values.
+        """
+        if data.count(_REF_FIELD) != data.count(_NO_REF):
+            self.client._spawn_task(self._fetch_refs(data))
+            return
+        with self._lock:
+            self._inbox.append(data)
+        self._wake()
+
+    async def _fetch_refs(self, data: bytes) -> None:
+        try:
+            msg = codec.decode(data, ResultBatch | Result)  # type: ignore[arg-type]
+            if isinstance(msg, ResultBatch):
+                results = [
+                    msgspec.structs.replace(
+                        r, value=await fetch_payload(self.client._nc, r.payload_ref), payload_ref=None
+                    )
+                    if r.payload_ref
+                    else r
+                    for r in msg.results
+                ]
+                data = codec.encode(msgspec.structs.replace(msg, results=results))
+        except BaseException as exc:
+            self.on_error(exc)
+            return
         with self._lock:
             self._inbox.append(data)
         self._wake()
@@ -139,19 +172,35 @@ class MapRun:
         self.client._loop.call_soon_threadsafe(self.client._pending.pop, self.call_id, None)
 
     def send_batch(self, first: int, inputs: list[bytes]) -> None:
-        """Publish inputs ``first ..`` as one batch."""
-        body = self._encoder.encode(
-            InvocationBatch(
-                call_id=self.call_id,
-                function=self.label,
-                first_index=first,
-                inputs=inputs,
-                deadline_ms=int((time.time() + self.target.wait_s) * 1000),
-                python=PYTHON,
-            )
+        """Publish inputs ``first ..`` as one batch (inputs over ``INLINE_MAX`` go to S3 first, on the loop)."""
+        batch = InvocationBatch(
+            call_id=self.call_id,
+            function=self.label,
+            first_index=first,
+            inputs=inputs,
+            deadline_ms=int((time.time() + self.target.wait_s) * 1000),
+            python=PYTHON,
         )
         self.outstanding[first] = len(inputs)
-        self.client._loop.call_soon_threadsafe(self._submit, body, first)
+        if any(len(data) > INLINE_MAX for data in inputs):
+            self.client._loop.call_soon_threadsafe(self.client._spawn_task, self._send_large(batch))
+            return
+        self.client._loop.call_soon_threadsafe(self._submit, self._encoder.encode(batch), first)
+
+    async def _send_large(self, batch: InvocationBatch) -> None:
+        """Store the batch's large inputs in S3, then publish it with their refs (loop thread)."""
+        try:
+            refs: dict[int, str] = {}
+            inputs = list(batch.inputs)
+            for offset, data in enumerate(inputs):
+                if len(data) > INLINE_MAX:
+                    refs[offset] = await store_payload(self.client._nc, data)
+                    inputs[offset] = b""
+            body = self._encoder.encode(msgspec.structs.replace(batch, inputs=inputs, input_refs=refs))
+        except BaseException as exc:
+            self.on_error(exc)
+            return
+        self._submit(body, batch.first_index)
 
     def absorb(self) -> None:
         """Take in what arrived: keep the first result of each index, adapt the batch size."""
@@ -269,6 +318,57 @@ class _Cursor:
             )
 
 
+class MapProgress(Protocol):
+    """What a progress display gets from a running map (see :func:`show_progress`)."""
+
+    def update(self, done: int, submitted: int, exhausted: bool) -> None:
+        """``done`` results of ``submitted`` inputs sent so far; ``exhausted``: every input is sent."""
+
+    def close(self) -> None:
+        """The map ended (or failed)."""
+
+
+_progress_factory: Callable[[str], MapProgress] | None = None
+PROGRESS_EVERY_S: Final = 0.1
+"""How often a running map reports its progress at most."""
+
+
+@contextlib.contextmanager
+def show_progress(factory: Callable[[str], MapProgress]) -> Iterator[None]:
+    """Give every map started inside the block a progress display: ``factory(label)`` (``duanflow run``)."""
+    global _progress_factory
+    previous, _progress_factory = _progress_factory, factory
+    try:
+        yield
+    finally:
+        _progress_factory = previous
+
+
+class _Reporter:
+    """Feeds a map's progress display at most every ``PROGRESS_EVERY_S`` (and once at the end)."""
+
+    __slots__ = ("_next", "_sink")
+
+    def __init__(self, label: str) -> None:
+        factory = _progress_factory
+        self._sink = factory(label) if factory is not None else None
+        self._next = 0.0
+
+    def update(self, cursor: _Cursor, *, final: bool = False) -> None:
+        if self._sink is None:
+            return
+        now = time.monotonic()
+        if final or now >= self._next:
+            self._next = now + PROGRESS_EVERY_S
+            self._sink.update(cursor.next_yield, cursor.next_index, cursor.exhausted)
+
+    def close(self, cursor: _Cursor | None) -> None:
+        if self._sink is not None:
+            if cursor is not None:
+                self.update(cursor, final=True)
+            self._sink.close()
+
+
 def map_sync(
     fn: Function[..., Any], inputs: Iterator[bytes], order_outputs: bool, return_exceptions: bool
 ) -> Iterator[Any]:
@@ -286,10 +386,13 @@ def map_sync(
 
     run = MapRun(client, target, fn.label, wake)
     run.start()
+    reporter = _Reporter(fn.label)
+    cursor = None
     try:
         cursor = _Cursor(run, inputs, order_outputs, return_exceptions)
         while True:
             yield from cursor.step()
+            reporter.update(cursor)
             if cursor.finished:
                 return
             with cond:
@@ -299,6 +402,7 @@ def map_sync(
             cursor.check_stalled(fn.label, target.wait_s)
     finally:
         run.close()
+        reporter.close(cursor)
 
 
 async def map_async(
@@ -316,11 +420,14 @@ async def map_async(
 
     run = MapRun(client, target, fn.label, wake)
     run.start()
+    reporter = _Reporter(fn.label)
+    cursor = None
     try:
         cursor = _Cursor(run, inputs, order_outputs, return_exceptions)
         while True:
             for outcome in cursor.step():
                 yield outcome
+            reporter.update(cursor)
             if cursor.finished:
                 return
             with contextlib.suppress(TimeoutError):
@@ -329,6 +436,7 @@ async def map_async(
             cursor.check_stalled(fn.label, target.wait_s)
     finally:
         run.close()
+        reporter.close(cursor)
 
 
 def pickled_inputs(

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from duanflow_proto import subjects
+from duanflow_proto.messages.jobs import JobSpec
 from duanflow_proto.messages.release import EndpointSpec, FunctionSpec
 
 from duanflow import _gpuspec
@@ -43,6 +44,21 @@ COMMON_OPTIONS: Final = (
 )
 ENDPOINT_OPTIONS: Final = ("method", "path", "auth", "max_concurrency", "stream", *COMMON_OPTIONS)
 WORKER_OPTIONS: Final = ("queue", *COMMON_OPTIONS)
+JOB_OPTIONS: Final = (
+    "gpu",
+    "memory",
+    "timeout",
+    "region",
+    "optimize",
+    "max_price",
+    "gpu_count",
+    "secrets",
+    "image",
+    "env",
+)
+"""``@app.job``: one dedicated replica per run, so no concurrency, warm replicas, scaling or retries."""
+DEFAULT_JOB_TIMEOUT_S: Final = 3600.0
+"""A job's timeout when ``@app.job`` names none."""
 
 _PATH = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@%/{}-]*$")
 
@@ -93,6 +109,7 @@ def function_spec(
     endpoint: EndpointSpec | None = None,
     queue: str | None = None,
     is_generator: bool = False,
+    job: JobSpec | None = None,
 ) -> FunctionSpec:
     """Validate a decorator's options and build the function's wire spec.
 
@@ -150,6 +167,7 @@ def function_spec(
         endpoint=endpoint,
         queue=queue,
         is_generator=is_generator,
+        job=job,
     )
 
 

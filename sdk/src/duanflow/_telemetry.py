@@ -7,7 +7,11 @@ Off by default and free then: nothing is recorded unless a tracer provider is in
 
 - caller: ``invoke <app>.<function>`` (client kind) around ``.remote()`` / ``.remote.aio()``;
 - replica: ``queue wait`` (from the stream's timestamp to the pull), ``execute <function>`` (server kind), and
-  ``result`` (the answer's publish, whose headers carry the context back to the caller).
+  ``result`` (the answer's publish, whose headers carry the context back to the caller);
+- replica, for a call that was queued before the replica was ready (it waited on a cold start): ``cold start``
+  (from the agent's start command, ``DUANFLOW_STARTED_NS``, else this process's start, to readiness) with one
+  child per phase: ``spawn`` (download and process start), ``load code`` (imports), ``enter`` (``@df.enter``
+  hooks), ``connect`` (NATS and the consumer).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
@@ -34,6 +39,17 @@ _bound: dict[str, dict[str, str]] = {}
 trace.get_tracer_provider()
 _FAST_OFF = hasattr(trace, "_TRACER_PROVIDER")
 _setup_lock = threading.Lock()
+
+STARTED_NS_VAR = "DUANFLOW_STARTED_NS"
+"""Replica env set by the agent: when it got the start command (epoch ns)."""
+_imported_ns = time.time_ns()  # the runtime imports this module first thing: about when the process started
+_import_pid = os.getpid()
+_started_ns = 0
+"""``DUANFLOW_STARTED_NS`` (read by :func:`replica_starting`); 0: unknown."""
+_phases: list[tuple[str, int]] = []
+"""A replica's start-up phases in order: (name, when it ended, epoch ns)."""
+_ready_ns = 0
+"""When this replica announced readiness (0: not a replica, or not ready yet)."""
 _set_up = False
 
 
@@ -128,18 +144,59 @@ async def within(headers: Mapping[str, str], fn: Callable[..., Awaitable[T]], *a
         otel_context.detach(token)
 
 
+def replica_starting() -> None:
+    """On a replica, first thing in the runtime's ``main()``: read ``DUANFLOW_STARTED_NS`` from the environment now
+    (a zygote's child gets its environment after this module was imported), and take a forked child's start as
+    now rather than its zygote's."""
+    global _imported_ns, _started_ns
+    if os.getpid() != _import_pid:
+        _imported_ns = time.time_ns()
+    started = os.environ.get(STARTED_NS_VAR, "")
+    _started_ns = int(started) if started.isdigit() else 0
+    _phases[:] = [("spawn", _imported_ns)] if 0 < _started_ns < _imported_ns else []
+
+
+def startup_phase(name: str) -> None:
+    """On a replica: the start-up phase ``name`` (``load code``, ``enter``) ended now."""
+    _phases.append((name, time.time_ns()))
+
+
+def replica_ready() -> None:
+    """On a replica: it announced readiness now (the end of its cold start)."""
+    global _ready_ns
+    startup_phase("connect")
+    _ready_ns = _phases[-1][1]
+
+
+def _cold_start(t: trace.Tracer, parent: otel_context.Context) -> None:
+    """The ``cold start`` span, and one child per phase, in the trace of a call that waited on it."""
+    begin = _started_ns or _imported_ns
+    span = t.start_span("cold start", context=parent, start_time=begin, attributes={"duanflow.cold_start": True})
+    inside = trace.set_span_in_context(span)
+    for name, end in _phases:
+        if end > begin:
+            t.start_span(name, context=inside, start_time=begin).end(end_time=end)
+            begin = end
+    span.end(end_time=_ready_ns)
+
+
 @contextlib.contextmanager
 def serving(msg: Any, function: str) -> Iterator[None]:
-    """On a replica, around one input message: ``queue wait`` (from the stream's timestamp to now) and
-    ``execute <function>`` as the current span, both children of the caller's context in the message's headers."""
+    """On a replica, around one input message: ``queue wait`` (from the stream's timestamp to now), ``cold start``
+    when the message was queued before this replica was ready, and ``execute <function>`` as the current span, all
+    children of the caller's context in the message's headers."""
     if not enabled():
         yield
         return
     parent = propagate.extract(dict(msg.headers or {}))
     t = tracer()
+    queued_ns = 0
     with contextlib.suppress(Exception):  # not a JetStream message: no queue wait to show
-        queued = msg.metadata.timestamp
-        t.start_span("queue wait", context=parent, start_time=int(queued.timestamp() * 1e9)).end()
+        queued_ns = int(msg.metadata.timestamp.timestamp() * 1e9)
+    if queued_ns:
+        t.start_span("queue wait", context=parent, start_time=queued_ns).end()
+        if queued_ns < _ready_ns:
+            _cold_start(t, parent)
     with t.start_as_current_span(
         f"execute {function}", context=parent, kind=SpanKind.SERVER, attributes={"duanflow.function": function}
     ):

@@ -19,6 +19,7 @@ from duanflow_proto.messages.invocation import (
     Result,
     ResultBatch,
 )
+from duanflow_proto.messages.jobs import JobEvent, JobInfo, JobList, JobListRequest, JobRef, JobSpec, JobSubmit
 from duanflow_proto.messages.logs import LogLine, LogQuery, LogQueryReply
 from duanflow_proto.messages.price import PriceList, PriceUpdate
 from duanflow_proto.messages.queue import (
@@ -111,6 +112,13 @@ ALL_MESSAGES: tuple[type, ...] = (
     QueueRequest,
     StorageReply,
     StorageRequest,
+    JobSpec,
+    JobSubmit,
+    JobRef,
+    JobInfo,
+    JobListRequest,
+    JobList,
+    JobEvent,
 )
 
 __all__ = [
@@ -139,6 +147,13 @@ __all__ = [
     "ImageSpec",
     "Invocation",
     "InvocationBatch",
+    "JobEvent",
+    "JobInfo",
+    "JobList",
+    "JobListRequest",
+    "JobRef",
+    "JobSpec",
+    "JobSubmit",
     "LogLine",
     "LogQuery",
     "LogQueryReply",

@@ -84,6 +84,8 @@ class CapacityReport(msgspec.Struct, frozen=True, kw_only=True, tag="duanflow.v1
     """Seconds between reports; the router deems the agent dead after several missed beats."""
     cached_images: list[str] = []
     """Image ids cached on the host's disk (latency placement prefers them)."""
+    runtimes: list[str] = []
+    """How this agent can run replicas: ``process``, and ``docker`` when its docker runtime is configured."""
 
 
 class StartReplica(msgspec.Struct, frozen=True, kw_only=True, tag="duanflow.v1.agent.start_replica", tag_field="type"):
@@ -123,6 +125,9 @@ class StartReplica(msgspec.Struct, frozen=True, kw_only=True, tag="duanflow.v1.a
     """Presigned GET URL of the packed venv image ``image_id`` (empty: nothing to download)."""
     secret_keys: list[str] = []
     """Names in ``env_vars`` whose values come from secrets: masked in the replica's relayed output."""
+    docker_image: str = ""
+    """Registry reference of the docker image to run the replica in, as a container of the agent's docker runtime
+    (the builder's docker backend's ``BuildResult.artifact``); empty: the process runtime."""
 
 
 class StartReplicaReply(

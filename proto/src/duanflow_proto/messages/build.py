@@ -63,3 +63,25 @@ def image_artifact_key(image_id: str) -> str:
     'images/im-0123.tar.gz'
     """
     return f"images/{image_id}.tar.gz"
+
+
+DOCKER_REPOSITORY = "duanflow/images"
+"""Registry repository of every docker image; the tag is the image id."""
+
+
+def docker_image_ref(registry: str, image_id: str) -> str:
+    """Registry reference of a docker-built image (the builder pushes it, agents pull it).
+
+    >>> docker_image_ref("127.0.0.1:5000", "im-0123")
+    '127.0.0.1:5000/duanflow/images:im-0123'
+    """
+    return f"{registry.rstrip('/')}/{DOCKER_REPOSITORY}:{image_id}"
+
+
+def needs_docker(spec: ImageSpec) -> bool:
+    """Whether only the docker backend builds ``spec`` as asked: Debian packages, build commands or a CUDA base.
+
+    >>> needs_docker(ImageSpec(apt=["git"])), needs_docker(ImageSpec(pip=["numpy"]))
+    (True, False)
+    """
+    return bool(spec.apt or spec.commands) or spec.base == "cuda"

@@ -104,6 +104,9 @@ class InvocationBatch(msgspec.Struct, frozen=True, kw_only=True, tag="duanflow.v
     """Epoch milliseconds after which the caller no longer waits (0: none)."""
     python: str = ""
     """Caller's Python ``major.minor``, to explain unpickling failures."""
+    input_refs: dict[int, str] = {}
+    """Inputs too large for a message (over ~1 MiB): offset in ``inputs`` → the payload's sha256 (``payload_ref``)
+    in S3; ``inputs[offset]`` is then empty."""
 
 
 class ResultBatch(msgspec.Struct, frozen=True, kw_only=True, tag="duanflow.v1.inv.result_batch", tag_field="type"):

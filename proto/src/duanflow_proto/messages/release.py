@@ -8,6 +8,7 @@ import hmac
 import msgspec
 
 from duanflow_proto.messages.build import ImageSpec
+from duanflow_proto.messages.jobs import JobSpec
 
 
 class EndpointSpec(msgspec.Struct, frozen=True, kw_only=True, tag="duanflow.v1.release.endpoint", tag_field="type"):
@@ -74,6 +75,8 @@ class FunctionSpec(msgspec.Struct, frozen=True, kw_only=True, tag="duanflow.v1.r
     """Queue name (workers only)."""
     is_generator: bool = False
     """True when the function yields."""
+    job: JobSpec | None = None
+    """Set for ``@app.job`` functions (one dedicated replica per run, none kept warm); None for the others."""
 
 
 class AppSpec(msgspec.Struct, frozen=True, kw_only=True, tag="duanflow.v1.release.app", tag_field="type"):

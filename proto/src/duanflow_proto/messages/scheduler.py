@@ -25,7 +25,7 @@ class CandidateVerdict(
 class SchedulerDecision(
     msgspec.Struct, frozen=True, kw_only=True, tag="duanflow.v1.scheduler.decision", tag_field="type"
 ):
-    """One placement decision."""
+    """One placement or autoscaling decision."""
 
     ts_ms: int
     """When it was made."""
@@ -36,7 +36,8 @@ class SchedulerDecision(
     function: str
     """Function placed."""
     outcome: str
-    """``placed``, ``no_capacity`` or ``no_matching_gpu``."""
+    """``placed``, ``no_capacity`` or ``no_matching_gpu`` (placements); ``scale_up`` or ``scale_down`` (autoscaler
+    decisions, whose ``reason`` says why: ``scale from zero``, ``backlog N``, ``idle for Ns``)."""
     chosen_agent: str = ""
     """Agent chosen (empty when none)."""
     gpu_indices: list[int] = []

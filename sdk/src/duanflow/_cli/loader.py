@@ -119,7 +119,8 @@ def find_app(module: ModuleType, path: Path, *, var: str = "") -> Any:
 
 
 def find_function(module: ModuleType, path: Path, name: str) -> tuple[Any, Any]:
-    """``(app, function)`` for ``FILE::name``: a function registered on one of the file's apps."""
+    """``(app, function)`` for ``FILE::name``: a function registered on one of the file's apps, or one of its
+    ``@app.local_entrypoint()`` functions (a plain callable)."""
     apps = find_apps(module)
     if not apps:
         raise CliError(f"{path} defines no duanflow.App", hint='declare one: app = df.App("my-app")')
@@ -127,13 +128,16 @@ def find_function(module: ModuleType, path: Path, name: str) -> tuple[Any, Any]:
     for app in {id(a): a for a in apps.values()}.values():
         for fn_name, fn in app._registry().items():
             known.setdefault(fn_name, (app, fn))
+        for fn_name, entry in app._local_entrypoints().items():
+            known.setdefault(fn_name, (app, entry))
     if name in known:
         return known[name]  # type: ignore[no-any-return]
     obj = getattr(module, name, None)
     if obj is not None and callable(obj):
         raise CliError(
             f"{name} in {path} is not a DuanFlow function",
-            hint="decorate it with @app.function(...) (or @app.endpoint / @app.worker / @app.job)",
+            hint="decorate it with @app.function(...) (or @app.endpoint / @app.worker / @app.job), or with "
+            "@app.local_entrypoint() to run it here",
         )
     raise CliError(f"{path} has no function {name!r}", hint=_choices("functions", known))
 

@@ -20,15 +20,17 @@ from rich.json import JSON
 from rich.markup import escape
 from rich.table import Table
 
-from duanflow._cli import apps, auth, dev, price, queue, secret
+from duanflow._cli import apps, auth, dev, jobs, price, queue, secret
 from duanflow._cli.deploy import DeployOutcome, Steps, app_spec, deploy, redeploy
 from duanflow._cli.loader import Target, find_app, find_function, import_file
 from duanflow._cli.logs import check_kind, parse_since, read_logs, show_line
 from duanflow._cli.output import CliError, err, errors_handled, fail, out
 from duanflow._cli.params import parse_args, signature_params
+from duanflow._cli.progress import map_bars
 from duanflow._client import get_client
 from duanflow._errors import DuanFlowError
 from duanflow._function import Function
+from duanflow._map import show_progress
 
 app = typer.Typer(
     name="duanflow",
@@ -47,6 +49,7 @@ app.add_typer(auth.app, name="auth")
 app.add_typer(secret.app, name="secret")
 app.add_typer(price.app, name="price")
 app.add_typer(queue.app, name="queue")
+app.add_typer(jobs.app, name="jobs")
 
 Env = Annotated[
     str | None,
@@ -147,13 +150,22 @@ def run(
             raise CliError(f"name the function to run: {parsed.path}::FUNCTION")
         module = import_file(parsed.path)
         the_app, fn = find_function(module, parsed.path, parsed.name)
-        kwargs = parse_args(signature_params(fn.raw_f), ctx.args, fn.name)
+        raw = fn.raw_f if isinstance(fn, Function) else fn
+        kwargs = parse_args(signature_params(raw), ctx.args, parsed.name)
         spec = app_spec(the_app, module.__name__)
         env = env or get_client().env
         steps = Steps(quiet=json_out)
         outcome = deploy(parsed.path, spec, env=env, steps=steps, reuse_unchanged=True)
         for message in outcome.messages:
             steps.note(f"[dim]  {escape(message)}[/dim]")
+        if not isinstance(fn, Function):  # @app.local_entrypoint(): runs here; its maps draw progress bars
+            client = get_client()
+            client.use_env(env)  # the entrypoint's calls go to the env just deployed
+            with show_progress(map_bars(err)):
+                result = fn(**kwargs)
+            if result is not None:
+                _print_result(result, json_out=json_out)
+            return
         handle = Function.from_name(spec.name, fn.name, env=env)
         with steps.step(f"Running {fn.name} on a replica") as step:
             try:

@@ -12,6 +12,7 @@ INV = subjects.STREAM_INVOCATIONS
 QUEUE = subjects.STREAM_QUEUES
 LOGS = subjects.STREAM_LOGS
 RESULTS_KV = f"KV_{subjects.KV_RESULTS}"
+CANCELS_KV = f"KV_{subjects.KV_CANCELS}"
 
 _HOLE = "holex"
 
@@ -43,6 +44,7 @@ ROLE_PERMISSIONS: dict[str, dict[str, list[str]]] = {
         "publish": [
             subjects.CAPACITY_ALL,
             wildcard(subjects.replica_ready),
+            wildcard(subjects.job_event),
             subjects.LOGS_ALL,
             subjects.DLQ_ALL,
             subjects.QUEUE_ALL,
@@ -59,6 +61,12 @@ ROLE_PERMISSIONS: dict[str, dict[str, list[str]]] = {
             f"$JS.API.STREAM.INFO.{QUEUE}",
             f"$JS.API.STREAM.INFO.{RESULTS_KV}",
             f"$KV.{subjects.KV_RESULTS}.>",
+            # replicas watch the cancelled calls (an ordered consumer) but cannot cancel anything
+            f"$JS.API.STREAM.INFO.{CANCELS_KV}",
+            f"$JS.API.CONSUMER.CREATE.{CANCELS_KV}",
+            f"$JS.API.CONSUMER.CREATE.{CANCELS_KV}.>",
+            f"$JS.API.CONSUMER.DELETE.{CANCELS_KV}.>",
+            f"$JS.API.CONSUMER.INFO.{CANCELS_KV}.>",
         ],
         "subscribe": [
             wildcard(subjects.agent_command, tail=">"),
@@ -84,6 +92,10 @@ ROLE_PERMISSIONS: dict[str, dict[str, list[str]]] = {
             f"$JS.API.CONSUMER.INFO.{QUEUE}.>",
             f"$JS.API.DIRECT.GET.{RESULTS_KV}.>",
             f"$JS.API.STREAM.MSG.GET.{RESULTS_KV}",
+            f"$JS.API.STREAM.INFO.{CANCELS_KV}",
+            f"$JS.API.DIRECT.GET.{CANCELS_KV}.>",
+            f"$JS.API.STREAM.MSG.GET.{CANCELS_KV}",
+            f"$KV.{subjects.KV_CANCELS}.>",  # FunctionCall.cancel()
             f"$JS.API.STREAM.MSG.GET.{LOGS}",  # duanflow logs: where the stream's part of an app starts
             f"$JS.ACK.{LOGS}.>",
         ],
@@ -102,6 +114,8 @@ ROLE_PUBLISH_DENY: dict[str, list[str]] = {
         subjects.API_SECRET_DELETE,
         subjects.API_APP_STOP,
         subjects.API_PRICE_SET,
+        subjects.API_JOB_SUBMIT,
+        subjects.API_JOB_CANCEL,
         subjects.BUILD_START,
     ],
 }

@@ -10,13 +10,14 @@ import traceback
 from pathlib import Path
 
 from duanflow import _telemetry
-from duanflow._runtime import logcapture, queue_worker
+from duanflow._runtime import job, logcapture, queue_worker
 from duanflow._runtime.config import ConfigError, RuntimeConfig
 from duanflow._runtime.worker import load_target, serve
 
 
 def main() -> int:
     """Run the replica; exit 0 after a SIGTERM drain, 1 when the code cannot be loaded, 2 on bad config."""
+    _telemetry.replica_starting()
     logcapture.install(logging.INFO)
     try:
         config = RuntimeConfig.from_env()
@@ -35,9 +36,12 @@ def main() -> int:
             file=sys.stderr,
         )
         return 1
+    _telemetry.startup_phase("load code")
     _telemetry.setup_from_env(f"duanflow-replica-{config.app}")
     try:
-        if queue_worker.is_queue_worker(target.spec):
+        if config.job_id:
+            asyncio.run(job.serve_job(config, target))
+        elif queue_worker.is_queue_worker(target.spec):
             asyncio.run(queue_worker.serve(config, target))
         else:
             asyncio.run(serve(config, target))

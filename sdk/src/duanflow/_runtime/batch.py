@@ -19,10 +19,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import cloudpickle
+import msgspec
 from duanflow_proto.errors import DeserializationError, DuanFlowError, FunctionTimeoutError, InvalidInputError
 from duanflow_proto.messages.common import ErrorReply
 from duanflow_proto.messages.invocation import CODEC_CLOUDPICKLE, InvocationBatch, Result
 from duanflow_proto.messages.release import FunctionSpec
+
+from duanflow._payload import INLINE_MAX
+from duanflow._payload import fetch as fetch_payload
+from duanflow._payload import store as store_payload
 
 if TYPE_CHECKING:
     from duanflow._runtime.worker import Worker
@@ -213,5 +218,22 @@ class BatchRunner:
         return results
 
     async def run(self) -> list[Result]:
-        """Every input's Result, in input order."""
-        return await (self._run_async() if self.is_async else self._run_sync())
+        """Every input's Result, in input order; inputs and results over ``INLINE_MAX`` travel through S3."""
+        if self.batch.input_refs:
+            try:
+                inputs = list(self.batch.inputs)
+                for offset, ref in self.batch.input_refs.items():
+                    inputs[offset] = await fetch_payload(self.worker._nc, ref)
+            except DuanFlowError as exc:
+                return [self._err(exc.to_reply(), time.monotonic())] * len(self.batch.inputs)
+            self.batch = msgspec.structs.replace(self.batch, inputs=inputs, input_refs={})
+        results = await (self._run_async() if self.is_async else self._run_sync())
+        for i, result in enumerate(results):
+            if len(result.value) > INLINE_MAX:
+                try:
+                    ref = await store_payload(self.worker._nc, result.value)
+                except DuanFlowError as exc:
+                    results[i] = self._err(exc.to_reply(), time.monotonic())
+                else:
+                    results[i] = msgspec.structs.replace(result, value=b"", payload_ref=ref)
+        return results

@@ -40,6 +40,8 @@ class RuntimeConfig:
     concurrency: int = 1
     timeout_s: float = 300.0
     simulated_gpu: bool = False
+    job_id: str = ""
+    """Set for a job's dedicated replica (``DUANFLOW_JOB_ID``): run that one input, report it, exit."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> RuntimeConfig:
@@ -70,4 +72,5 @@ class RuntimeConfig:
             concurrency=concurrency,
             timeout_s=timeout_s,
             simulated_gpu=env.get("DUANFLOW_SIMULATED_GPU", "0").strip().lower() in ("1", "true", "yes"),
+            job_id=env.get("DUANFLOW_JOB_ID", ""),
         )

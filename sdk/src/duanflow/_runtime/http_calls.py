@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import logging
 import time
@@ -157,7 +158,8 @@ class HttpCall:
     async def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         fn = self.worker.target.raw_f
         if self.worker.is_async:
-            return await asyncio.wait_for(fn(*args, **kwargs), self._remaining())
+            async with asyncio.timeout(self._remaining()):  # no task per call, as wait_for would make
+                return await fn(*args, **kwargs)
         return await self._in_thread(lambda: fn(*args, **kwargs))
 
     async def _in_thread(self, work: Callable[[], Any]) -> Any:
@@ -201,7 +203,8 @@ class HttpCall:
         if inspect.isasyncgen(gen):
             while True:
                 try:
-                    chunk = await asyncio.wait_for(_anext(gen), self._remaining())
+                    async with asyncio.timeout(self._remaining()):
+                        chunk = await _anext(gen)
                 except StopAsyncIteration:
                     return
                 yield chunk
@@ -224,10 +227,10 @@ def request_arguments(
     >>> request_arguments(get, "get", Request(), {"item_id": "7", "other": 1})[1]["item_id"]
     '7'
     """
-    try:
-        params = inspect.signature(f).parameters
-    except (TypeError, ValueError):
+    sig = _signature(f)
+    if sig is None:
         return (request,), {}
+    params = sig.parameters
     kwargs: dict[str, Any] = {}
     args: tuple[Any, ...] = ()
     for p in params.values():
@@ -251,14 +254,22 @@ def check_fits(f: Callable[..., Any], name: str, args: list[Any], kwargs: dict[s
     Traceback (most recent call last):
     duanflow_proto.errors.InvalidInputError: the request does not fit f's parameters: missing a required argument: 'x'
     """
-    try:
-        sig = inspect.signature(f)
-    except (TypeError, ValueError):
+    sig = _signature(f)
+    if sig is None:
         return
     try:
         sig.bind(*args, **kwargs)
     except TypeError as exc:
         raise InvalidInputError(f"the request does not fit {name}'s parameters: {exc}") from None
+
+
+@functools.lru_cache(maxsize=256)
+def _signature(f: Callable[..., Any]) -> inspect.Signature | None:
+    """``f``'s signature, computed once per function (not per call), or None when it has none."""
+    try:
+        return inspect.signature(f)
+    except (TypeError, ValueError):
+        return None
 
 
 def _anext(gen: Any) -> Awaitable[Any]:
@@ -287,9 +298,12 @@ def encode_value(value: Any) -> tuple[bytes, str, str]:
 
 
 async def handle_http(worker: Worker, msg: Msg, inv: Invocation, reply: str, started: float) -> None:
-    """Run one ``json``-codec (HTTP) invocation: answer the caller, then ack (no retries: the caller is waiting)."""
+    """Run one ``json``-codec (HTTP) invocation: answer the caller, then ack (no retries: the caller is waiting).
+
+    The ack also asks for the next input when a slot is free (``+NXT``: one message to the server, not two).
+    """
     await HttpCall(worker, inv, reply, started).run()
-    await msg.ack()
+    await worker._ack(msg)
 
 
 def is_http_target(f: Callable[..., Any]) -> bool:

@@ -24,6 +24,7 @@ import nats.errors
 import nats.js.errors
 from duanflow_proto import codec, subjects
 from duanflow_proto.errors import (
+    CallCancelledError,
     DeserializationError,
     DuanFlowError,
     FunctionTimeoutError,
@@ -69,6 +70,10 @@ RETRYABLE_CODES: Final = frozenset({"remote_error", "function_timeout"})
 PREFETCH: Final = 8
 """Messages a replica pulls ahead of its free slots while every call it ran lately was fast (inline)."""
 HEARTBEAT_FRACTION: Final = 3
+CANCELS_WAIT_S: Final = 2.0
+"""How long a spawned call waits for the replica's view of cancelled calls before it runs anyway."""
+CANCELS_KEPT: Final = 100_000
+"""Cancelled call ids remembered per replica (oldest forgotten first)."""
 """Inputs running longer than ``ack_wait / 3`` tell JetStream they are in progress that often (their lease)."""
 
 
@@ -143,6 +148,12 @@ class Worker:
         """Per method: whether its sync calls are fast enough to run on the loop thread."""
         self._watchdog = Watchdog()
         self.takes_request = is_http_target(target.raw_f)
+        self._cancelled: dict[str, None] = {}
+        """Ids of cancelled calls (the cancels bucket, watched); oldest first."""
+        self._cancels_ready = asyncio.Event()
+        """Set once the cancels bucket's current keys are in :attr:`_cancelled`."""
+        self._active: dict[str, asyncio.Task[Any]] = {}
+        """Spawned calls running now (the only ones ``FunctionCall.cancel()`` can name), by call id."""
         """True when the function wants the df.Request of HTTP calls (else the body's fields as kwargs)."""
 
     def _replace_executor(self) -> None:
@@ -219,8 +230,10 @@ class Worker:
             ),
             CONNECT_TIMEOUT_S,
         )
+        watch: asyncio.Task[None] | None = None
         try:
             self._js = self._nc.jetstream()
+            watch = asyncio.create_task(self._watch_cancels())
             try:
                 info = await self._js.consumer_info(cfg.stream, cfg.consumer)
                 self._ack_wait_s = float(info.config.ack_wait or self._ack_wait_s)
@@ -237,6 +250,7 @@ class Worker:
                 )
             await self._nc.publish(subjects.replica_ready(cfg.replica_id), codec.encode(Ack(message=cfg.replica_id)))
             await self._nc.flush()
+            _telemetry.replica_ready()
             log.info("replica %s ready: %s.%s from %s", cfg.replica_id, cfg.app, cfg.function, cfg.consumer)
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
@@ -265,6 +279,8 @@ class Worker:
                 beats.cancel()
             log.info("replica %s drained", cfg.replica_id)
         finally:
+            if watch is not None:
+                watch.cancel()
             # Not nc.drain(): it waits for the pull subscription's queue, which nothing reads any more.
             with contextlib.suppress(Exception):
                 await self._nc.flush(timeout=5)
@@ -336,7 +352,10 @@ class Worker:
             log.warning("call %s of %s arrived after its deadline: skipped", inv.call_id, self.config.function)
             await msg.term()
             return
-        result = await self._execute(inv, args, kwargs, started, reply)
+        if inv.keep_result:
+            result = await self._execute_cancellable(inv, args, kwargs, started, reply)
+        else:
+            result = await self._execute(inv, args, kwargs, started, reply)
         delay = self._retry_delay(msg, result)
         if delay is not None:
             # The caller keeps waiting: it hears only the last attempt's outcome.
@@ -350,6 +369,59 @@ class Worker:
         if inv.keep_result:
             await self._keep(inv.call_id, result)
         await self._ack(msg)
+
+    async def _watch_cancels(self) -> None:
+        """Follow the cancels bucket: remember cancelled call ids and stop the ones running here."""
+        try:
+            kv = await self._js.key_value(subjects.KV_CANCELS)
+            watcher = await kv.watch(">", ignore_deletes=True)
+        except Exception as exc:
+            log.warning("cannot watch %s (%s): cancel() will not reach this replica", subjects.KV_CANCELS, exc)
+            self._cancels_ready.set()
+            return
+        try:
+            async for entry in watcher:
+                if entry is None:  # the bucket's current keys are all in
+                    self._cancels_ready.set()
+                    continue
+                self._cancelled[entry.key] = None
+                while len(self._cancelled) > CANCELS_KEPT:
+                    del self._cancelled[next(iter(self._cancelled))]
+                task = self._active.get(entry.key)
+                if task is not None:
+                    log.info("call %s was cancelled: stopping it", entry.key)
+                    task.cancel()
+        finally:
+            self._cancels_ready.set()
+            with contextlib.suppress(Exception):
+                await watcher.stop()
+
+    async def _execute_cancellable(
+        self, inv: Invocation, args: tuple[Any, ...], kwargs: dict[str, Any], started: float, reply: str
+    ) -> Result:
+        """:meth:`_execute` for a spawned call: skipped when cancelled already, stopped when cancelled meanwhile."""
+        if not self._cancels_ready.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._cancels_ready.wait(), CANCELS_WAIT_S)
+        cancelled = CallCancelledError(f"call {inv.call_id} was cancelled", details={"call_id": inv.call_id})
+        if inv.call_id in self._cancelled:
+            log.info("call %s was cancelled before it started: skipped", inv.call_id)
+            return self._error(inv, cancelled.to_reply(), started)
+        task = asyncio.current_task()
+        if task is None:
+            return await self._execute(inv, args, kwargs, started, reply)
+        self._active[inv.call_id] = task
+        try:
+            return await self._execute(inv, args, kwargs, started, reply)
+        except asyncio.CancelledError:
+            if inv.call_id not in self._cancelled:
+                raise  # the replica is shutting down
+            uncancel = getattr(task, "uncancel", None)  # Python 3.11+
+            if uncancel is not None:
+                uncancel()
+            return self._error(inv, cancelled.to_reply(), started)
+        finally:
+            self._active.pop(inv.call_id, None)
 
     def _retry_delay(self, msg: Msg, result: Result) -> float | None:
         """Seconds before the next attempt when the function failed and has retries left, else None."""
@@ -428,6 +500,11 @@ class Worker:
                         gate.record(time.monotonic() - t0)
                         raise
                 gate.record(time.monotonic() - t0)
+        except asyncio.CancelledError:
+            if not is_async and not ran_inline:
+                # Cancelled while a thread runs it: the thread cannot be stopped; new inputs get a fresh pool.
+                self._replace_executor()
+            raise
         except TimeoutError:
             err = FunctionTimeoutError(
                 f"{self.config.function} ran past its timeout of {timeout:g}s",
@@ -613,6 +690,7 @@ async def serve(config: RuntimeConfig, target: Target) -> None:
         from duanflow._cls import run_hooks
 
         await run_hooks(target.instance, "enter", asynchronous=True)
+        _telemetry.startup_phase("enter")
     try:
         await worker.run()
     finally:

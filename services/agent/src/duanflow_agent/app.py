@@ -16,6 +16,7 @@ from pathlib import Path
 
 import msgspec
 import psutil
+from duanflow_kit import telemetry
 from duanflow_kit.service import Service
 from duanflow_proto import codec, subjects
 from duanflow_proto.errors import InvalidInputError
@@ -24,11 +25,13 @@ from nats.js.kv import KeyValue
 
 from duanflow_agent import domain, handlers
 from duanflow_agent.adapters.bundles import HttpBundleStore
+from duanflow_agent.adapters.containers import DockerSpawner
 from duanflow_agent.adapters.images import HttpImageCache
 from duanflow_agent.adapters.logfile import open_log
 from duanflow_agent.adapters.nats import LogRelay, NatsReadySignal
 from duanflow_agent.adapters.nvml import NvmlProbe
 from duanflow_agent.adapters.process import ProcessSpawner
+from duanflow_agent.metrics import agent_metrics
 from duanflow_agent.ports import GpuProbe, LineSink
 from duanflow_agent.settings import Settings, child_env
 from duanflow_agent.supervisor import Supervisor
@@ -120,6 +123,7 @@ def build_app(settings: Settings, probe: GpuProbe | None = None) -> AgentApp:
     sinks = _LateRelay()
     ready = _LateReady()
     images = HttpImageCache(work_dir, settings.image_cache_mb * 1024 * 1024, python=_python_of(settings.python))
+    containers = DockerSpawner(settings.docker_host, agent_id=agent_id) if settings.docker_host else None
     supervisor = Supervisor(
         agent_id=agent_id,
         inventory=inventory,
@@ -137,12 +141,19 @@ def build_app(settings: Settings, probe: GpuProbe | None = None) -> AgentApp:
         start_timeout_s=settings.start_timeout_s,
         exited_keep_s=settings.exited_keep_s,
         images=images,
+        containers=containers,
+        container_argv=[settings.docker_python, "-m", settings.runtime_module],
     )
     images.busy = lambda: {r.cmd.image_id for r in supervisor.replicas.values() if r.state != domain.EXITED}
     handlers.register(service, supervisor)
 
     @asynccontextmanager
     async def lifespan(svc: Service) -> AsyncIterator[None]:
+        if containers is not None:
+            # containers a crashed run of this agent left behind hold GPUs and consume invocations: remove them
+            left = await asyncio.to_thread(containers.remove_leftovers)
+            if left:
+                log.warning("removed %d replica container(s) left by an earlier run of %s", left, agent_id)
         relay = LogRelay(svc.nc, settings.log_buffer_lines)
         sinks.relay = relay
         ready.signal = NatsReadySignal(svc.nc)
@@ -153,6 +164,8 @@ def build_app(settings: Settings, probe: GpuProbe | None = None) -> AgentApp:
             " (simulated)" if inventory.simulated else "",
             ",".join(g.gpu_type for g in inventory.gpus) or "CPU only",
         )
+        gauges = agent_metrics(telemetry.metrics())
+        gauges.supervisor = supervisor
         async with asyncio.TaskGroup() as tg:
             relay_task = tg.create_task(relay.run())
             report_task = tg.create_task(_report_loop(svc, supervisor, settings, probe))
@@ -160,6 +173,7 @@ def build_app(settings: Settings, probe: GpuProbe | None = None) -> AgentApp:
                 async with supervisor.running(settings.shutdown_grace_s):
                     yield
             finally:
+                gauges.supervisor = None
                 report_task.cancel()
                 await relay.flush()
                 relay_task.cancel()
@@ -200,6 +214,7 @@ async def _report_loop(svc: Service, sup: Supervisor, settings: Settings, probe:
         )
         if sup.images is not None:
             report = msgspec.structs.replace(report, cached_images=sup.images.cached())
+        report = msgspec.structs.replace(report, runtimes=runtimes(sup))
         data = codec.encode(report)
         try:
             await svc.nc.publish(subject, data)
@@ -213,6 +228,11 @@ async def _report_loop(svc: Service, sup: Supervisor, settings: Settings, probe:
             except Exception as exc:
                 log.warning("capacity report not stored in %s: %s", subjects.KV_CAPACITY, exc)
         await asyncio.sleep(settings.report_interval_s)
+
+
+def runtimes(sup: Supervisor) -> list[str]:
+    """The runtimes the capacity report lists: ``process``, and ``docker`` when it is configured."""
+    return ["process", "docker"] if sup.containers is not None else ["process"]
 
 
 async def _withdraw(svc: Service, agent_id: str) -> None:

@@ -106,6 +106,8 @@ class Replica:
     """The command that started it."""
     started_at: float = field(default_factory=time.monotonic)
     """Monotonic time the start command arrived."""
+    started_ns: int = field(default_factory=time.time_ns)
+    """Wall-clock time the start command arrived (epoch ns; the replica's ``DUANFLOW_STARTED_NS``)."""
     pid: int = 0
     """Process id once spawned."""
     state: str = STARTING
@@ -232,11 +234,18 @@ def replica_env(
             "DUANFLOW_SIMULATED_GPU": "1" if simulated_gpu else "0",
             # Simulated GPUs do not exist: the replica must not try to open a device.
             "CUDA_VISIBLE_DEVICES": "" if simulated_gpu else ",".join(str(i) for i in cmd.gpu_indices),
+            # The GPUs the router reserved for it, simulated or not (jobs and tests see their placement).
+            "DUANFLOW_GPU_INDICES": ",".join(str(i) for i in cmd.gpu_indices),
             "PYTHONPATH": bundle_dir + (":" + pythonpath if pythonpath else ""),
             "PYTHONUNBUFFERED": "1",
         }
     )
     return env
+
+
+STARTED_NS_VAR = "DUANFLOW_STARTED_NS"
+"""Replica env: when the agent got the start command (epoch ns), so the replica's ``cold start`` span in a
+waiting call's trace covers download and spawn too, not only its own imports."""
 
 
 def safe_member(name: str) -> PurePosixPath:

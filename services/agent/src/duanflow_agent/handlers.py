@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from duanflow_kit import telemetry
 from duanflow_kit.handlers import handle
 from duanflow_kit.service import Service
 from duanflow_proto import subjects
-from duanflow_proto.messages.agent import StartReplica, StopReplica
+from duanflow_proto.messages.agent import StartReplica, StartReplicaReply, StopReplica
 from faststream.nats import NatsMessage
 
 from duanflow_agent import domain
@@ -21,7 +22,17 @@ def register(service: Service, supervisor: Supervisor) -> None:
     stop_subject = subjects.agent_command(supervisor.agent_id, "stop")
 
     async def start(msg: NatsMessage) -> bytes:
-        return await handle(msg.body, StartReplica, supervisor.start, subject=start_subject)
+        async def traced(cmd: StartReplica) -> StartReplicaReply:
+            # "cold start": the command's arrival to the replica's readiness (download, spawn, imports, @enter),
+            # in the trace of whoever asked (the router's headers), else a trace of its own
+            attrs = {"duanflow.app": cmd.app, "duanflow.function": cmd.function, "duanflow.replica": cmd.replica_id}
+            with telemetry.span(f"cold start {cmd.app}.{cmd.function}", msg.headers, attrs) as span:
+                reply = await supervisor.start(cmd)
+                if span is not None:
+                    span.set_attribute("duanflow.ready_ms", reply.ready_ms)
+                return reply
+
+        return await handle(msg.body, StartReplica, traced, subject=start_subject)
 
     async def stop(msg: NatsMessage) -> bytes:
         return await handle(msg.body, StopReplica, supervisor.stop, subject=stop_subject)

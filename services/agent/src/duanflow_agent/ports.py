@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Protocol
@@ -83,6 +83,27 @@ class Spawner(Protocol):
 
     async def spawn(self, argv: list[str], *, cwd: Path, env: Mapping[str, str], on_line: LineSink) -> ReplicaProcess:
         """Start ``argv``; every output line goes to ``on_line``."""
+        ...
+
+
+class ContainerSpawner(Protocol):
+    """Starts replicas as containers (the docker runtime)."""
+
+    async def spawn(
+        self,
+        image: str,
+        argv: list[str],
+        *,
+        name: str,
+        cwd: Path,
+        env: Mapping[str, str],
+        binds: Sequence[Path],
+        gpu_indices: Sequence[int],
+        on_line: LineSink,
+    ) -> ReplicaProcess:
+        """Start ``argv`` in a container of ``image`` named after ``name``, with exactly ``env``, the host paths
+        ``binds`` mounted read-only at the same paths and the host GPUs ``gpu_indices``; every output line goes to
+        ``on_line``."""
         ...
 
 

@@ -35,7 +35,8 @@ class Settings(BaseSettings, frozen=True, kw_only=True):
     python: str = ""
     """Python interpreter that runs replicas (default: the agent's own)."""
     runtime: str = "process"
-    """How replicas run: ``process`` (child processes of the agent; the only one built so far)."""
+    """Default runtime: ``process`` (child processes of the agent). Replicas whose start command names a docker
+    image run as containers when ``docker_host`` is set."""
     runtime_module: str = "duanflow._runtime"
     """Module a replica process runs (``python -m <runtime_module>``); tests point it at a stand-in."""
     capacity_kv: bool = False
@@ -51,6 +52,11 @@ class Settings(BaseSettings, frozen=True, kw_only=True):
     """Seconds an exited replica is remembered (stop commands for it answer "already exited")."""
     image_cache_mb: int = 20480
     """Disk cap of the venv image cache under ``work_dir/images`` (least recently used images go first)."""
+    docker_host: str = ""
+    """Docker engine of the docker runtime (``unix:///run/docker.sock``); set: replicas whose start command names
+    a docker image run as containers on the host network. Empty: only the process runtime."""
+    docker_python: str = "python"
+    """Interpreter inside replica containers (``<docker_python> -m <runtime_module>``)."""
 
 
 def child_env() -> dict[str, str]:

@@ -18,6 +18,7 @@ from duanflow_agent import domain, image_rules
 from duanflow_agent.domain import EXITED, READY, STARTING, STOPPING, Inventory, Replica
 from duanflow_agent.ports import (
     BundleStore,
+    ContainerSpawner,
     ImageFetcher,
     LineSink,
     LogOpener,
@@ -54,6 +55,8 @@ class Supervisor:
         start_timeout_s: float = 120.0,
         exited_keep_s: float = 60.0,
         images: ImageFetcher | None = None,
+        containers: ContainerSpawner | None = None,
+        container_argv: list[str] | None = None,
     ) -> None:
         self.agent_id = agent_id
         self.inventory = inventory
@@ -76,6 +79,9 @@ class Supervisor:
         self._closing = False
         self.images = images
         """Venv images by id; None: replicas run in the agent's own environment only."""
+        self.containers = containers
+        """The docker runtime; None: replicas whose command names a docker image are refused."""
+        self._container_argv = container_argv or ["python", "-m", "duanflow._runtime"]
 
     @asynccontextmanager
     async def running(self, shutdown_grace_s: float) -> AsyncIterator[Supervisor]:
@@ -130,17 +136,25 @@ class Supervisor:
 
     async def _start(self, rec: Replica) -> StartReplicaReply:
         cmd = rec.cmd
+        if cmd.docker_image and self.containers is None:
+            raise InvalidInputError(
+                f"replica {cmd.replica_id} runs in docker image {cmd.docker_image}, but agent {self.agent_id} has "
+                "no docker runtime: start it with DUANFLOW_AGENT_DOCKER_HOST set, or deploy with the venv backend",
+                details={"agent_id": self.agent_id, "needs": "docker"},
+            )
         bundle_dir = await self._bundles.fetch(cmd.bundle_url, cmd.bundle_digest)
         image_paths: list[str] = []
-        if cmd.image_url and self.images is not None:
+        if cmd.image_url and self.images is not None and not cmd.docker_image:
             image_paths = await self.images.fetch(cmd.image_url, cmd.image_id)
         if rec.state != STARTING:
             raise ConflictError(f"replica {cmd.replica_id} was stopped before it started")
         if self._tg is None or self._closing:
             raise UnavailableError(f"agent {self.agent_id} is shutting down")
+        real_gpus = bool(cmd.gpu_indices) and not self.inventory.simulated
         env = domain.replica_env(
             cmd,
-            base=self._base_env,
+            # a container's PATH, HOME, ... are its image's, not the agent host's
+            base={} if cmd.docker_image else self._base_env,
             bundle_dir=str(bundle_dir),
             nats_url=self._nats[0],
             nats_user=self._nats[1],
@@ -148,6 +162,7 @@ class Supervisor:
             simulated_gpu=self.inventory.simulated and bool(cmd.gpu_indices),
         )
         env["PYTHONPATH"] = image_rules.with_image_paths(env["PYTHONPATH"], image_paths)
+        env[domain.STARTED_NS_VAR] = str(rec.started_ns)
         log_path = self.log_path(cmd.replica_id)
         logfile = await asyncio.to_thread(self._open_log, log_path)
         tail = rec.stderr_tail
@@ -161,10 +176,28 @@ class Supervisor:
         exited = asyncio.Event()
         async with self._ready.listen(cmd.replica_id) as ready:
             try:
-                proc = await self._spawner.spawn(self._argv, cwd=Path(bundle_dir), env=env, on_line=on_line)
+                if cmd.docker_image:
+                    assert self.containers is not None
+                    if real_gpus:  # the container sees only its own GPUs, numbered from 0
+                        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(len(cmd.gpu_indices)))
+                    proc = await self.containers.spawn(
+                        cmd.docker_image,
+                        self._container_argv,
+                        name=cmd.replica_id,
+                        cwd=Path(bundle_dir),
+                        env=env,
+                        binds=[Path(bundle_dir)],
+                        gpu_indices=list(cmd.gpu_indices) if real_gpus else [],
+                        on_line=on_line,
+                    )
+                else:
+                    proc = await self._spawner.spawn(self._argv, cwd=Path(bundle_dir), env=env, on_line=on_line)
             except OSError as exc:
                 logfile.close()
                 raise InternalError(f"could not start {self._argv[0]}: {exc}") from None
+            except BaseException:  # the docker engine refused (typed errors from the runtime): close the log
+                logfile.close()
+                raise
             rec.pid = proc.pid
             self._procs[cmd.replica_id] = proc
             self._exited[cmd.replica_id] = exited

@@ -63,6 +63,7 @@ KV_TTLS: dict[str, float] = {
     subjects.KV_CAPACITY: 10.0,
     subjects.KV_ROUTES: 0,
     subjects.KV_RESULTS: DAY,
+    subjects.KV_CANCELS: DAY,
     subjects.KV_PRICES: 0,
     subjects.KV_LEADER: 10.0,
 }

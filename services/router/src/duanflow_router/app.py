@@ -10,16 +10,18 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from duanflow_kit import telemetry
 from duanflow_kit.service import Service
 from duanflow_kit.streams import ensure_streams
 from duanflow_proto import subjects
 
-from duanflow_router import handlers, queues
+from duanflow_router import handlers, jobs, metrics, queues
 from duanflow_router.adapters.crypto import AesGcmSealer
-from duanflow_router.adapters.nats import NatsAgentClient, NatsLease, NatsPlatform
+from duanflow_router.adapters.nats import NatsAgentClient, NatsLease, NatsPlatform, NatsWakeups
 from duanflow_router.adapters.postgres import PostgresReleaseStore, open_pool
 from duanflow_router.adapters.s3 import S3BlobStore
 from duanflow_router.adapters.secrets_pg import PostgresAppSwitch, PostgresSecretStore
+from duanflow_router.autoscale import Autoscaler
 from duanflow_router.control import ControlPlane
 from duanflow_router.ports import Lease
 from duanflow_router.replica_setup import ReplicaSetup
@@ -56,6 +58,10 @@ class RouterApp:
         self.settings = settings
         self.service = Service("router", settings)
         self._control: ControlPlane | None = None
+        self.jobs: jobs.Jobs | None = None
+        """Long GPU jobs (``@app.job``), once started."""
+        self.autoscaler: Autoscaler | None = None
+        """Scales functions on the leader (:mod:`duanflow_router.autoscale`); set once started."""
         self.leader = False
         self.service.health_checks.append(self._health)
 
@@ -83,11 +89,15 @@ class RouterApp:
         elif await lease.acquire(me):
             log.info("took the leader lease (%s): rebuilding state", me)
             await control.load()
+            if self.jobs is not None:
+                await self.jobs.load()
             tune_gc()
             await api.start()
             self.leader = True
         if self.leader:
             await control.sweep()
+            if self.jobs is not None:
+                await self.jobs.tick()
 
     async def _lead(self, control: ControlPlane, lease: Lease, api: handlers.LeaderApi) -> None:
         """Hold (or wait for) the lease for as long as the service runs."""
@@ -116,11 +126,14 @@ class RouterApp:
             )
             await blobs.ensure_bucket()
             await ensure_streams(service.js)
+            platform = NatsPlatform(service.js, service.nc)
+            gauges = metrics.router_metrics(telemetry.metrics())
+            platform.on_consumer_info = gauges.depths.record_info  # the autoscaler's reads feed the depth gauges
             control = ControlPlane(
                 PostgresReleaseStore(pool),
                 blobs,
                 NatsAgentClient(service.nc),
-                NatsPlatform(service.js, service.nc),
+                platform,
                 start_timeout_s=s.start_timeout_s,
                 capacity_wait_s=s.capacity_wait_s,
             )
@@ -131,27 +144,56 @@ class RouterApp:
             )
             for update in await control.platform.stored_prices():
                 control.apply_price(update)
+            self.jobs = jobs.Jobs(control, jobs.PostgresJobStore(pool), service.js)
+            job_events = jobs.JobEventListener(self.jobs, lambda: self.leader)
             capacity = handlers.CapacityListener(control)
             prices = handlers.PriceListener(control)
             subs = [
                 await service.nc.subscribe(subjects.CAPACITY_ALL, cb=capacity.on_message),
                 await service.nc.subscribe(subjects.PRICE_ALL, cb=prices.on_message),
+                await service.nc.subscribe(subjects.JOB_EVENTS_ALL, cb=job_events.on_message),
             ]
             self._control = control
+            gauges.attach(control)
             lease = NatsLease(service.js, key=s.schema)
             try:
                 async with asyncio.TaskGroup() as tasks:
                     api = handlers.LeaderApi(
-                        service.nc, [*handlers.routes(self.control), *queues.routes(service.js, blobs)], tasks
+                        service.nc,
+                        [
+                            *handlers.routes(self.control),
+                            *queues.routes(service.js, blobs),
+                            *jobs.routes(lambda: self.jobs),
+                        ],
+                        tasks,
                     )
                     # A lone router leads (and serves the API) before its health check answers.
                     await self._step(control, lease, api)
                     leading = tasks.create_task(self._lead(control, lease, api))
+                    self.autoscaler = Autoscaler(
+                        control,
+                        PostgresReleaseStore(pool),
+                        control.platform,
+                        NatsWakeups(service.nc),
+                        interval_s=s.autoscale_interval_s,
+                        idle_window_s=s.idle_window_s,
+                        max_starts=s.autoscale_max_starts,
+                    )
+                    scaling = tasks.create_task(self.autoscaler.run(lambda: self.leader))
+                    depths = (
+                        tasks.create_task(metrics.poll_depths(service.js, gauges.depths, s.queue_metrics_interval_s))
+                        if s.metrics_port
+                        else None
+                    )
                     log.info("router ready (schema %s, bucket %s)", s.schema, s.s3_bucket)
                     try:
                         yield
                     finally:
                         leading.cancel()
+                        scaling.cancel()
+                        if depths is not None:
+                            depths.cancel()
+                        await self.jobs.stop()
                         await api.stop()
                         if self.leader:
                             with contextlib.suppress(Exception):
@@ -159,6 +201,7 @@ class RouterApp:
                         self.leader = False
             finally:
                 self._control = None
+                gauges.attach(None)
                 for sub in subs:
                     with contextlib.suppress(Exception):
                         await sub.unsubscribe()

@@ -29,6 +29,7 @@ from duanflow_proto.errors import (
 )
 from duanflow_proto.messages.agent import CapacityReport, FleetReply, StartReplica, StopReplica
 from duanflow_proto.messages.invocation import PayloadUrlReply, PayloadUrlRequest
+from duanflow_proto.messages.jobs import ENV_JOB_ID
 from duanflow_proto.messages.logs import LogLine
 from duanflow_proto.messages.price import PriceList, PriceUpdate
 from duanflow_proto.messages.release import (
@@ -71,6 +72,8 @@ RELEASED_MEMORY = 10_000
 BRUTE_FORCE_MAX_AGENTS = 256
 """Up to this many live agents a decision judges every agent (the event lists each); beyond, the index decides."""
 MAX_PRICE_PER_GPU_HOUR = 10_000.0
+WARNING_OUTCOMES = (domain.OUTCOME_NO_CAPACITY, domain.OUTCOME_NO_MATCHING_GPU)
+"""Decisions logged as warnings (placements and scaling decisions are info)."""
 NO_AGENT = (
     "no agent is reporting capacity, so no replica can be placed: start an agent on a GPU host "
     "(`python -m duanflow_agent`; `duanflow dev up` starts one locally) and deploy again"
@@ -124,6 +127,8 @@ class ControlPlane:
         self.setup: ReplicaSetup | None = None
         """Secrets and images of replicas (:mod:`duanflow_router.replica_setup`); None: plain env only."""
         self._retry_at = 0.0
+        self.job_replicas: set[str] = set()
+        """Replicas dedicated to one ``@app.job`` run (:mod:`duanflow_router.jobs`): deploys leave them running."""
 
     # ----------------------------------------------------------------- state
 
@@ -194,7 +199,7 @@ class ControlPlane:
             if release is None or release.release_id != rec.release_id:
                 continue
             fn = next((f for f in release.spec.functions if f.name == rec.function), None)
-            if fn is None:
+            if fn is None or fn.job is not None:  # a job's lost replica: the job fails (jobs.py), no re-place
                 continue
             try:
                 url = await self.blobs.presign_get(release.bundle_key, BUNDLE_URL_TTL_S)
@@ -230,7 +235,7 @@ class ControlPlane:
                 continue
             fn = next((f for f in release.spec.functions if f.name == rec.function), None)
             now = self.fleet.price_of(rec.agent_id, rec.gpu_indices[0])
-            if fn is None or fn.optimize != "price" or now is None:
+            if fn is None or fn.job is not None or fn.optimize != "price" or now is None:
                 continue
             best = self.fleet.choose(request_of(fn))
             if not best.placed or best.price >= now * (1 - PRICE_HYSTERESIS):
@@ -492,11 +497,16 @@ class ControlPlane:
         bundle_url = await self.blobs.presign_get(req.bundle_key, BUNDLE_URL_TTL_S)
         started: list[ReplicaRecord] = []
         messages: list[str] = []
-        old = [r for r in await self.store.running_replicas(env, spec.name) if r.release_id != release.release_id]
+        old = [
+            r
+            for r in await self.store.running_replicas(env, spec.name)
+            if r.release_id != release.release_id and r.replica_id not in self.job_replicas
+        ]
         stopped_early = False
         try:
             for fn in spec.functions:
-                for _ in range(max(1, fn.keep_warm)):
+                # Jobs get one dedicated replica per run when submitted (jobs.py), none at deploy.
+                for _ in range(0 if fn.job is not None else max(1, fn.keep_warm)):
                     try:
                         wait_s = 0.0 if old and not stopped_early else self._capacity_wait_s
                         rec, note = await self._start_one(release, fn, bundle_url, wait_s)
@@ -552,7 +562,7 @@ class ControlPlane:
         raise UnavailableError("could not allocate a release id; retry the deploy")
 
     async def _start_one(
-        self, release: Release, fn: FunctionSpec, bundle_url: str, wait_s: float = 0.0
+        self, release: Release, fn: FunctionSpec, bundle_url: str, wait_s: float = 0.0, *, job_id: str = ""
     ) -> tuple[ReplicaRecord, str]:
         env, app = release.env, release.app
         loop = asyncio.get_running_loop()
@@ -601,11 +611,20 @@ class ControlPlane:
             bundle_digest=release.bundle_digest,
             image_id=release.image_id,
             stream=subjects.STREAM_QUEUES if fn.queue else subjects.STREAM_INVOCATIONS,
-            consumer=subjects.queue_consumer(env, fn.queue) if fn.queue else subjects.consumer_name(env, app, fn.name),
+            consumer=(
+                subjects.job_consumer(job_id)
+                if job_id
+                else subjects.queue_consumer(env, fn.queue)
+                if fn.queue
+                else subjects.consumer_name(env, app, fn.name)
+            ),
             concurrency=fn.concurrency,
             timeout_s=fn.timeout_s,
             gpu_indices=list(placement.gpu_indices),
-            env_vars=extras.env_vars if extras is not None else _env_vars(release.spec, fn),
+            env_vars={
+                **(extras.env_vars if extras is not None else _env_vars(release.spec, fn)),
+                **({ENV_JOB_ID: job_id} if job_id else {}),
+            },
             image_url=extras.image_url if extras is not None else "",
             secret_keys=extras.secret_keys if extras is not None else [],
         )
@@ -629,10 +648,35 @@ class ControlPlane:
             note += f" (GPUs {list(placement.gpu_indices)} {placement.gpu_type}{', simulated' if sim else ''})"
         return rec, note
 
-    async def _stop_all(self, replicas: list[ReplicaRecord]) -> None:
+    # ----------------------------------------------------------------- autoscaling (autoscale.py)
+
+    def deploying(self, env: str, app: str) -> bool:
+        """Whether a deploy or stop of the app is under way (the autoscaler leaves the app alone meanwhile)."""
+        lock = self._deploy_locks.get((env, app))
+        return lock is not None and lock.locked()
+
+    async def start_replica(self, release: Release, fn: FunctionSpec) -> ReplicaRecord:
+        """Place and start one more replica of ``fn`` now (NoCapacityError at once when nothing fits)."""
+        url = await self.blobs.presign_get(release.bundle_key, BUNDLE_URL_TTL_S)
+        rec, note = await self._start_one(release, fn, url)
+        log.info("autoscaler: %s", note)
+        return rec
+
+    async def stop_replicas(self, replicas: list[ReplicaRecord]) -> None:
+        """Drain and stop ``replicas`` (StopReplica lets in-flight inputs finish)."""
+        await self._stop_all(replicas)
+
+    async def announce(
+        self, env: str, app: str, release_id: str, fn: str, placement: domain.Placement, replica_id: str = ""
+    ) -> None:
+        """Publish one decision as an event and a ``scheduler`` log line (see :meth:`_announce`)."""
+        await self._announce(env, app, release_id, fn, placement, replica_id)
+
+    async def _stop_all(self, replicas: list[ReplicaRecord], grace_s: float | None = None) -> None:
         for rec in replicas:
+            stop = StopReplica(replica_id=rec.replica_id, **({} if grace_s is None else {"grace_s": grace_s}))
             try:
-                await self.agents.stop_replica(rec.agent_id, StopReplica(replica_id=rec.replica_id))
+                await self.agents.stop_replica(rec.agent_id, stop)
             except Exception as exc:  # an unreachable agent must not fail the deploy that replaced it
                 log.warning("could not stop replica %s on %s: %s", rec.replica_id, rec.agent_id, exc)
             self._unreserve(rec.replica_id, stopped=True)
@@ -665,7 +709,7 @@ class ControlPlane:
             kind="scheduler",
             source="router",
             message=domain.summary_line(env, app, fn, placement, replica_id),
-            level="info" if placement.placed else "warning",
+            level="warning" if placement.outcome in WARNING_OUTCOMES else "info",
             release=release_id,
             function=fn,
             replica=replica_id,

@@ -144,6 +144,21 @@ def route_entries(release: Release, salt: Callable[[], str] = lambda: secrets.to
     return entries
 
 
+# --------------------------------------------------------------------------- consumers
+
+
+def function_consumer(env: str, app: str, fn: FunctionSpec) -> tuple[str, str]:
+    """(stream, durable consumer) a function's replicas pull from: its queue's for a worker, else its own."""
+    if fn.queue:
+        return subjects.STREAM_QUEUES, subjects.queue_consumer(env, fn.queue)
+    return subjects.STREAM_INVOCATIONS, subjects.consumer_name(env, app, fn.name)
+
+
+def function_subject(env: str, app: str, fn: FunctionSpec) -> str:
+    """The subject a function's inputs are published on: its queue's for a worker, else its invocation subject."""
+    return subjects.queue(env, fn.queue) if fn.queue else subjects.invocation(env, app, fn.name)
+
+
 # --------------------------------------------------------------------------- fleet view
 
 

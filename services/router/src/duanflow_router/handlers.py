@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
+from duanflow_kit import telemetry
 from duanflow_kit.handlers import handle
+from duanflow_kit.service import ERROR_TAG
 from duanflow_proto import codec, subjects
 from duanflow_proto.errors import InvalidInputError, UnavailableError
 from duanflow_proto.messages.agent import CapacityReport, FleetReply
@@ -122,7 +125,12 @@ class LeaderApi:
     def _callback(self, route: Route) -> Callable[[Msg], Awaitable[None]]:
         async def answer(msg: Msg) -> None:
             try:
-                reply = await handle(msg.data, route.req_type, route.call, subject=route.subject)
+                started = time.perf_counter()
+                # the caller's trace continues here (and onward, e.g. into the StartReplica sent to an agent)
+                with telemetry.handler_span(msg.headers, route.subject):
+                    reply = await handle(msg.data, route.req_type, route.call, subject=route.subject)
+                ok = ERROR_TAG not in reply
+                telemetry.metrics().observe("router", route.subject, time.perf_counter() - started, ok)
                 if msg.reply:
                     await msg.respond(reply)
             except Exception as exc:  # a lost connection must not kill the subscription

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -24,6 +25,18 @@ class ReplicaRecord:
     agent_id: str
     gpu_indices: tuple[int, ...] = ()
     state: str = "running"
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerLoad:
+    """One read of a function's durable consumer: the autoscaler's view of its backlog and activity."""
+
+    pending: int
+    """Messages not yet delivered to any replica (``num_pending``)."""
+    ack_pending: int
+    """Messages delivered and not yet acknowledged: inputs in flight (``num_ack_pending``)."""
+    delivered: int
+    """The consumer's delivered sequence: unchanged between two reads means no new delivery."""
 
 
 class ReleaseStore(Protocol):
@@ -86,6 +99,9 @@ class Platform(Protocol):
     async def ensure_function_consumer(self, env: str, app: str, fn: FunctionSpec) -> None:
         """Create or update the durable pull consumer of one function on the invocations stream."""
 
+    async def consumer_load(self, env: str, app: str, fn: FunctionSpec) -> ConsumerLoad | None:
+        """Backlog and activity of the function's durable consumer (its queue's for a worker); None when absent."""
+
     async def publish_decision(self, decision: SchedulerDecision) -> None:
         """Publish a scheduler decision event."""
 
@@ -125,3 +141,24 @@ class Lease(Protocol):
 
     async def release(self, holder: str) -> None:
         """Give the lease up (clean shutdown), so a standby takes over at once."""
+
+
+class ActiveReleases(Protocol):
+    """Which release of every app is active (the autoscaler scans them)."""
+
+    async def active_release_ids(self) -> list[tuple[str, str, str]]:
+        """(env, app, release id) of every app with an active release."""
+
+
+class Wakeups(Protocol):
+    """Core subscriptions on invocation subjects, held while a function has no replica (scale from zero)."""
+
+    async def watch(self, subject: str, on_message: Callable[[], None]) -> Unwatch:
+        """Call ``on_message`` (synchronously, no payload kept) for each message seen on ``subject``."""
+
+
+class Unwatch(Protocol):
+    """Ends one watch."""
+
+    async def unsubscribe(self) -> None:
+        """Stop watching (idempotent)."""

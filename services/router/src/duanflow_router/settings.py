@@ -32,6 +32,14 @@ class Settings(BaseSettings, frozen=True, kw_only=True):
     """Seconds a deploy waits, with backoff, for GPUs that fit but are all taken (``no_capacity``)."""
     tick_s: float = 1.0
     """Seconds between liveness sweeps (dead agents' replicas are re-placed) and lease renewals."""
+    autoscale_interval_s: float = 0.5
+    """Seconds between autoscaler passes (each reads the consumer of every function it may scale)."""
+    idle_window_s: float = 60.0
+    """Seconds without a new delivery after which replicas above ``keep_warm`` stop (to zero when it is 0)."""
+    autoscale_max_starts: int = 8
+    """Replicas the autoscaler starts at most per pass, over every function (bounds a burst of placements)."""
+    queue_metrics_interval_s: float = 5.0
+    """Seconds between reads of every consumer's depth for the queue gauges (only while ``metrics_port`` is set)."""
     secret_key: str = ""
     """Key that seals stored secrets (AES-256-GCM via HKDF; 32+ random characters). Empty: secrets are refused."""
 

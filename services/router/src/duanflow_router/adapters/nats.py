@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
+from duanflow_kit import telemetry
 from duanflow_kit.handlers import decode_reply
 from duanflow_proto import codec, subjects
 from duanflow_proto.errors import DeadlineExceededError, InvalidInputError, UnavailableError
@@ -15,13 +17,16 @@ from duanflow_proto.messages.price import PriceUpdate
 from duanflow_proto.messages.release import FunctionSpec, RouteEntry
 from duanflow_proto.messages.scheduler import SchedulerDecision
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import NotFoundError as JsNotFoundError
 
-from duanflow_router.domain import route_key
+from duanflow_router.domain import function_consumer, route_key
+from duanflow_router.ports import ConsumerLoad
 
 log = logging.getLogger("duanflow.router.nats")
 
@@ -62,6 +67,24 @@ def queue_consumer_config(env: str, fn: FunctionSpec) -> ConsumerConfig:
     )
 
 
+class NatsWakeups:
+    """:class:`duanflow_router.ports.Wakeups` as core subscriptions (JetStream publishes are plain publishes)."""
+
+    PENDING_MSGS = 16
+    """Messages buffered per watch: the first one is all the autoscaler needs."""
+
+    def __init__(self, nc: NatsClient) -> None:
+        self.nc = nc
+
+    async def watch(self, subject: str, on_message: Callable[[], None]) -> Any:
+        """Subscribe; the returned subscription's ``unsubscribe`` ends the watch."""
+
+        async def cb(_msg: Msg) -> None:
+            on_message()
+
+        return await self.nc.subscribe(subject, cb=cb, pending_msgs_limit=self.PENDING_MSGS)
+
+
 class NatsAgentClient:
     """:class:`duanflow_router.ports.AgentClient` over core request/reply."""
 
@@ -71,7 +94,8 @@ class NatsAgentClient:
     async def _request(self, agent_id: str, verb: str, payload: bytes, timeout_s: float) -> bytes:
         subject = subjects.agent_command(agent_id, verb)
         try:
-            msg = await self.nc.request(subject, payload, timeout=timeout_s)
+            # the current trace (a deploy's, an autoscaler's pass) continues on the agent: its cold start span
+            msg = await self.nc.request(subject, payload, timeout=timeout_s, headers=telemetry.inject({}) or None)
         except NoRespondersError:
             raise UnavailableError(f"agent {agent_id} is not answering commands (is it running?)") from None
         except NatsTimeoutError:
@@ -99,6 +123,8 @@ class NatsPlatform:
         self._capacity_kv: Any = None
         self._routes_kv: Any = None
         self._prices_kv: Any = None
+        self.on_consumer_info: Callable[[Any], None] | None = None
+        """Called with every ``ConsumerInfo`` read here (the router's queue-depth gauges keep the freshest one)."""
 
     async def ensure_function_consumer(self, env: str, app: str, fn: FunctionSpec) -> None:
         """Create the consumer, or update it in place (same durable name: in-flight calls survive)."""
@@ -106,6 +132,21 @@ class NatsPlatform:
             await self.js.add_consumer(subjects.STREAM_QUEUES, queue_consumer_config(env, fn))
             return
         await self.js.add_consumer(subjects.STREAM_INVOCATIONS, function_consumer_config(env, app, fn))
+
+    async def consumer_load(self, env: str, app: str, fn: FunctionSpec) -> ConsumerLoad | None:
+        """One JetStream consumer-info request (a round trip to the server) on the function's durable consumer."""
+        stream, name = function_consumer(env, app, fn)
+        try:
+            info = await self.js.consumer_info(stream, name)
+        except JsNotFoundError:
+            return None
+        if self.on_consumer_info is not None:
+            self.on_consumer_info(info)
+        return ConsumerLoad(
+            pending=int(info.num_pending or 0),
+            ack_pending=int(info.num_ack_pending or 0),
+            delivered=int(info.delivered.consumer_seq or 0) if info.delivered is not None else 0,
+        )
 
     async def publish_decision(self, decision: SchedulerDecision) -> None:
         """Publish to the events stream."""

@@ -6,9 +6,10 @@ from typing import Any
 
 import asyncpg
 from duanflow_kit.migrations import migrate
-from duanflow_proto import codec, subjects
+from duanflow_proto import codec
 from duanflow_proto.messages.release import AppSpec, Release
 
+from duanflow_router.domain import function_consumer, function_subject
 from duanflow_router.ports import ReplicaRecord
 
 LIVE_STATES = ("starting", "running")
@@ -103,8 +104,8 @@ class PostgresReleaseStore:
                         release.release_id,
                         fn.name,
                         fn.kind,
-                        subjects.invocation(release.env, release.app, fn.name),
-                        subjects.consumer_name(release.env, release.app, fn.name),
+                        function_subject(release.env, release.app, fn),
+                        function_consumer(release.env, release.app, fn)[1],
                         codec.encode(fn),
                     )
                     for fn in release.spec.functions
@@ -132,6 +133,11 @@ class PostgresReleaseStore:
         """The active release of one app."""
         row = await self.pool.fetchrow("SELECT * FROM releases WHERE env = $1 AND app = $2 AND active", env, app)
         return _release(row) if row else None
+
+    async def active_release_ids(self) -> list[tuple[str, str, str]]:
+        """(env, app, release id) of every active release: one indexed query, no spec decoded."""
+        rows = await self.pool.fetch("SELECT env, app, release_id FROM releases WHERE active ORDER BY env, app")
+        return [(r["env"], r["app"], r["release_id"]) for r in rows]
 
     async def list_releases(self, env: str, app: str) -> list[Release]:
         """Releases of one app newest first, or the active release of every app when ``app`` is empty."""

@@ -1,0 +1,235 @@
+"""Autoscaling through a real router and a real agent (``python -m duanflow_agent``, replicas running the SDK's
+``duanflow._runtime``) on the session's NATS, Postgres and S3: with a 1 s idle window deployed functions go to zero,
+a ``.remote()`` call then starts a replica and returns its result (scale from zero), a worker with a backlog grows
+past one replica up to ``scale_to``, and every decision is published as a scheduler event."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import importlib
+import io
+import os
+import sys
+import textwrap
+import time
+import zipfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import duanflow as df
+import pytest
+from duanflow import _client
+from duanflow._local import servers
+from duanflow_proto import codec, subjects
+from duanflow_proto.errors import NoCapacityError
+from duanflow_proto.messages.common import HealthReply, HealthRequest
+from duanflow_proto.messages.release import DeployReply, DeployRequest
+from duanflow_proto.messages.scheduler import SchedulerDecision
+from duanflow_router.app import RouterApp, build_app
+from duanflow_router.settings import Settings
+from fixtures.waiting import eventually
+from test_agent import Agent, start_agent, stop_agent  # type: ignore[import-not-found]
+from test_router import call, upload_bundle  # type: ignore[import-not-found]
+
+pytestmark = pytest.mark.timeout(180)
+
+APP_SOURCE = """
+import os
+import time
+from pathlib import Path
+
+import duanflow as df
+
+app = df.App("{app}", env={{"AUTOSCALE_MARKS": "{marks}"}})
+jobs = df.Queue("{queue}")
+
+
+@app.function(timeout=30)
+def hello(x):
+    return f"hello {{x}} from {{os.getpid()}}"
+
+
+@app.worker(queue=jobs, scale_to=3, timeout=30)
+def slow(job):
+    time.sleep(0.4)
+    (Path(os.environ["AUTOSCALE_MARKS"]) / f"done-{{job['n']}}").write_text(str(os.getpid()))
+"""
+
+
+@pytest.fixture
+async def router(infra: Any, unique: str, nc_service: Any) -> AsyncIterator[RouterApp]:
+    settings = Settings(
+        nats_url=infra.nats_url,
+        nats_user="service",
+        nats_password=infra.nats.service,
+        database_url=infra.postgres_dsn,
+        s3_endpoint=infra.s3_endpoint,
+        s3_access_key=infra.s3.access_key,
+        s3_secret_key=infra.s3.secret_key,
+        s3_bucket=f"b{unique}",
+        schema=f"router_{unique}",
+        start_timeout_s=60.0,
+        capacity_wait_s=0.0,
+        tick_s=0.2,
+        autoscale_interval_s=0.2,
+        idle_window_s=1.0,
+    )
+    app = build_app(settings)
+    task = asyncio.create_task(app.run())
+
+    async def leading() -> bool:
+        msg = await nc_service.request(subjects.health("router"), codec.encode(HealthRequest()), timeout=2)
+        reply = codec.decode(msg.data, HealthReply)
+        return reply.ok and reply.details.get("role") == "leader"
+
+    try:
+        await eventually(leading, timeout=30)
+        yield app
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await app.service.broker.stop()
+
+
+@pytest.fixture
+def agent(nats_server: tuple[servers.Proc, servers.NatsCredentials], tmp_path: Path, unique: str) -> Iterator[Agent]:
+    """A real agent whose replicas run the SDK's runtime (not the fake one of test_agent.py)."""
+    started = start_agent(
+        nats_server, tmp_path / "agents", f"ag-{unique}", extra={"DUANFLOW_AGENT_RUNTIME_MODULE": "duanflow._runtime"}
+    )
+    yield started
+    stop_agent(started)
+
+
+@pytest.fixture
+def client_env(infra: Any, unique: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    env = f"e{unique}"
+    for key, value in {
+        "DUANFLOW_NATS_URL": infra.nats_url,
+        "DUANFLOW_NATS_USER": "client",
+        "DUANFLOW_NATS_PASSWORD": infra.nats.client,
+        "DUANFLOW_ENV": env,
+        "DUANFLOW_HOME": str(tmp_path / "home"),
+    }.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("DUANFLOW_REPLICA_ID", raising=False)
+    _client.reset_client()
+    return env
+
+
+def bundle_of(path: Path) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zf:
+        zf.write(path, path.name)
+    return out.getvalue()
+
+
+def replicas_of(router: RouterApp, app: str, function: str) -> list[str]:
+    return [r.replica_id for r in router.control().replicas.values() if (r.app, r.function) == (app, function)]
+
+
+async def test_functions_scale_to_zero_back_from_zero_and_up_on_backlog(
+    router: RouterApp, agent: Agent, client_env: str, nc_service: Any, unique: str, tmp_path: Path, infra: Any
+) -> None:
+    env, app_name, queue = client_env, f"auto-{unique}", f"q{unique}"
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    src_dir = tmp_path / "src"
+    src_dir.mkdir()
+    module_name = f"autoscale_app_{unique}"
+    src = src_dir / f"{module_name}.py"
+    src.write_text(textwrap.dedent(APP_SOURCE.format(app=app_name, queue=queue, marks=marks)))
+    sys.path.insert(0, str(src_dir))
+    decisions: list[SchedulerDecision] = []
+
+    async def on_decision(msg: Any) -> None:
+        decision = codec.decode(msg.data, SchedulerDecision)
+        if decision.app == app_name:
+            decisions.append(decision)
+
+    sub = await nc_service.subscribe(subjects.event("scheduler", "decision"), cb=on_decision)
+    try:
+        module = importlib.import_module(module_name)
+        spec = module.app.build_spec(module=module_name)
+        data = bundle_of(src)
+        key, digest = await upload_bundle(nc_service, data)
+        assert hashlib.sha256(data).hexdigest() == digest
+
+        async def deployed() -> DeployReply | None:
+            request = DeployRequest(spec=spec, env=env, bundle_key=key, bundle_digest=digest)
+            try:
+                reply: DeployReply = await call(nc_service, subjects.API_DEPLOY, request, DeployReply, timeout=120)
+            except NoCapacityError:  # the agent has not reported yet
+                return None
+            return reply
+
+        reply = await eventually(deployed, timeout=60, interval=0.5)
+        assert len(reply.replicas) == 2  # deploy still places one replica per function
+
+        # the functions table names the consumer each function's replicas really pull from (a worker: its queue's)
+        conn = await asyncpg.connect(infra.postgres_dsn, server_settings={"search_path": router.settings.schema})
+        try:
+            rows = {r["name"]: r for r in await conn.fetch("SELECT name, subject, consumer FROM functions")}
+        finally:
+            await conn.close()
+        assert rows["slow"]["consumer"] == subjects.queue_consumer(env, queue)
+        assert rows["slow"]["subject"] == subjects.queue(env, queue)
+        assert rows["hello"]["consumer"] == subjects.consumer_name(env, app_name, "hello")
+        assert rows["hello"]["subject"] == subjects.invocation(env, app_name, "hello")
+
+        # keep_warm=0 and a 1 s idle window: both functions go to zero, each stop a scale_down decision
+        async def at_zero() -> bool:
+            return not replicas_of(router, app_name, "hello") and not replicas_of(router, app_name, "slow")
+
+        await eventually(at_zero, timeout=30, interval=0.1)
+        downs = [d for d in decisions if d.outcome == "scale_down"]
+        assert {d.function for d in downs} == {"hello", "slow"}
+        assert all(d.reason.startswith("idle for") and d.replica_id for d in downs)
+
+        # scale from zero: the call waits in the stream while the router starts a replica for it
+        hello = df.Function.from_name(app_name, "hello", env=env)
+        started = time.perf_counter()
+        result = await hello.remote.aio("zero")
+        cold_s = time.perf_counter() - started
+        assert result.startswith("hello zero from ")
+        assert int(result.rsplit(" ", 1)[1]) != os.getpid()
+        ups = [d for d in decisions if d.outcome == "scale_up" and d.function == "hello"]
+        assert ups and ups[-1].reason.startswith("scale from zero"), ups
+        placed = [d for d in decisions if d.outcome == "placed" and d.function == "hello" and d.replica_id]
+        assert len(placed) == 2  # the deploy's replica and the one started from zero
+        print(f"scale from zero → first result: {cold_s * 1e3:.0f} ms")
+
+        # a backlog on the worker's queue: more than one replica, never more than scale_to=3
+        jobs = module.jobs
+        await asyncio.to_thread(jobs.put_many, [{"n": n} for n in range(16)])
+        most = 0
+
+        async def grown() -> bool:
+            nonlocal most
+            most = max(most, len(replicas_of(router, app_name, "slow")))
+            return most >= 2
+
+        await eventually(grown, timeout=60, interval=0.05)
+
+        async def drained() -> bool:
+            nonlocal most
+            most = max(most, len(replicas_of(router, app_name, "slow")))
+            return len(list(marks.glob("done-*"))) == 16
+
+        await eventually(drained, timeout=90, interval=0.1)
+        assert 2 <= most <= 3
+        backlog = [d for d in decisions if d.outcome == "scale_up" and d.function == "slow"]
+        assert any(d.reason.startswith(("backlog", "scale from zero")) for d in backlog), backlog
+        workers = {p.read_text() for p in marks.glob("done-*")}
+        assert len(workers) >= 2  # the jobs really ran on more than one replica
+
+        # and back to zero once idle
+        await eventually(at_zero, timeout=30, interval=0.1)
+    finally:
+        await sub.unsubscribe()
+        sys.path.remove(str(src_dir))
