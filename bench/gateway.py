@@ -286,11 +286,11 @@ def main() -> int:
             nats_seq = asyncio.run(nats_invocations(d.nats.address, d.creds.service, subject, args.requests))
             note(f"measuring {args.connections} connections for {args.seconds}s each")
             replica = d.replicas[0].pid
-            cpu0 = (cpu_s(gw.pid), cpu_s(replica), cpu_s(floor.pid))
+            cpu0 = (cpu_s(gw.pid), cpu_s(replica), cpu_s(floor.pid), time.process_time())
             floor_rps, floor_times = asyncio.run(concurrent(floor_port, args.connections, args.seconds))
-            cpu1 = (cpu_s(gw.pid), cpu_s(replica), cpu_s(floor.pid))
+            cpu1 = (cpu_s(gw.pid), cpu_s(replica), cpu_s(floor.pid), time.process_time(), cpu_s(d.nats.pid))
             gw_rps, gw_times = asyncio.run(concurrent(port, args.connections, args.seconds))
-            cpu2 = (cpu_s(gw.pid), cpu_s(replica), cpu_s(floor.pid))
+            cpu2 = (cpu_s(gw.pid), cpu_s(replica), cpu_s(floor.pid), time.process_time(), cpu_s(d.nats.pid))
     finally:
         for p in procs:
             if p.poll() is None:
@@ -319,12 +319,17 @@ def main() -> int:
     emit("nats_invocation_p99", pct(nats_seq, 0.99) * ms, pct(floor_seq, 0.99) * ms, "ms", "")
     emit(f"c{args.connections}_throughput", gw_rps, floor_rps, "req/s", ">= 8000")
     emit(f"c{args.connections}_p99", pct(gw_times, 0.99) * ms, pct(floor_times, 0.99) * ms, "ms", "<= 15")
-    # CPU per request (the 64-connection runs, warm-up included): where the time goes on a shared machine.
+    # CPU per request (the 64-connection runs, warm-up included): where the time goes on a shared machine. The
+    # gateway's, replica's and NATS server's figures have the floor app's as their floor.
     floor_n = floor_rps * (args.seconds + 0.5)
     gw_n = gw_rps * (args.seconds + 0.5)
     floor_cpu = (cpu1[2] - cpu0[2]) / floor_n * 1e6
     emit("gateway_cpu_per_request", (cpu2[0] - cpu1[0]) / gw_n * 1e6, floor_cpu, "us", "")
     emit("replica_cpu_per_request", (cpu2[1] - cpu1[1]) / gw_n * 1e6, floor_cpu, "us", "")
+    emit("nats_server_cpu_per_request", (cpu2[4] - cpu1[4]) / gw_n * 1e6, floor_cpu, "us", "")
+    # The load generator shares the machine: its CPU per request (floor run's figure as its floor).
+    floor_client = (cpu1[3] - cpu0[3]) / floor_n * 1e6
+    emit("client_cpu_per_request", (cpu2[3] - cpu1[3]) / gw_n * 1e6, floor_client, "us", "")
     for f in figures:
         print(json.dumps(f), flush=True)
     return 0
