@@ -4,7 +4,8 @@ The test starts ``dockerd`` and ``docker-registry`` in a temp dir (tests/fixture
 base image itself (no registry outside is reachable). The builder (real NATS, Postgres, S3) renders a spec that
 needs docker (``run_commands``) to a Dockerfile, builds it on the engine and pushes it to the registry; the agent
 (a real ``python -m duanflow_agent``) pulls it and runs a replica container on the host network that serves a
-real ``.remote()`` call through NATS.
+real ``.remote()`` call through NATS. Through the router: ``duanflow deploy`` of such an app places its replica only on
+the agent that reports the docker runtime, which runs it from the registry as a container.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import contextlib
 import hashlib
 import importlib
 import io
+import json
 import os
 import signal
 import subprocess
@@ -30,6 +32,7 @@ from typing import Any
 import pytest
 from docker.api.client import APIClient
 from duanflow import _client
+from duanflow._cli.main import app as cli
 from duanflow._local import servers
 from duanflow_builder.app import build_app
 from duanflow_builder.domain import image_id
@@ -39,13 +42,18 @@ from duanflow_kit.streams import ensure_streams
 from duanflow_proto import codec, subjects
 from duanflow_proto.errors import InvalidInputError
 from duanflow_proto.messages.agent import CapacityReport, StartReplica, StartReplicaReply, StopReplica
-from duanflow_proto.messages.build import BuildRequest, BuildResult, ImageSpec
+from duanflow_proto.messages.build import BuildRequest, BuildResult, ImageSpec, docker_image_ref
 from duanflow_proto.messages.common import Ack, HealthReply, HealthRequest
 from duanflow_proto.messages.logs import LogLine
+from duanflow_proto.messages.scheduler import SchedulerDecision
+from duanflow_router.app import RouterApp
+from duanflow_router.app import build_app as build_router
+from duanflow_router.settings import Settings as RouterSettings
 from fixtures.docker_engine import DockerEngine, docker_engine, missing_binaries
 from fixtures.waiting import eventually
 from minio import Minio
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from typer.testing import CliRunner
 
 pytestmark = [
     pytest.mark.timeout(180),
@@ -69,6 +77,26 @@ app = df.App("{app}")
 def where(tag: str) -> dict[str, str]:
     print(f"serving {{tag}} inside the container", flush=True)
     return {{"tag": tag, "marker": Path("/marker").read_text(), "baked": os.environ.get("BAKED", "")}}
+"""
+
+ROUTED_SOURCE = """
+import os
+from pathlib import Path
+
+import duanflow as df
+
+image = df.Image.debian_slim().run_commands("echo deployed-through-the-router > /marker").env({{"BAKED": "{baked}"}})
+app = df.App("{app}", image=image)
+
+
+@app.function(timeout=20)
+def where(tag: str) -> dict[str, str]:
+    return {{
+        "tag": tag,
+        "marker": Path("/marker").read_text(),
+        "baked": os.environ.get("BAKED", ""),
+        "replica": os.environ.get("DUANFLOW_REPLICA_ID", ""),
+    }}
 """
 
 
@@ -101,7 +129,7 @@ def engine() -> Iterator[DockerEngine]:
 
 
 def _start_agent(
-    engine: DockerEngine, nats_server: Any, root: Path, agent_id: str
+    engine: DockerEngine, nats_server: Any, root: Path, agent_id: str, *, docker: bool = True
 ) -> tuple[subprocess.Popen[bytes], Path]:
     proc_, creds = nats_server
     log_path = root / f"{agent_id}.log"
@@ -116,7 +144,7 @@ def _start_agent(
             "DUANFLOW_AGENT_REPORT_INTERVAL_S": "0.2",
             "DUANFLOW_AGENT_START_TIMEOUT_S": "40",
             "DUANFLOW_AGENT_SHUTDOWN_GRACE_S": "3",
-            "DUANFLOW_AGENT_DOCKER_HOST": engine.host,
+            **({"DUANFLOW_AGENT_DOCKER_HOST": engine.host} if docker else {}),
         }
     )
     with log_path.open("wb") as out:
@@ -345,6 +373,119 @@ async def test_an_image_missing_from_the_registry_is_a_typed_error(
     with pytest.raises(InvalidInputError, match="not in the registry"):
         decode_reply(msg.data, StartReplicaReply)
     assert stack.api.containers(all=True, filters={"label": f"io.duanflow.agent={stack.agent_id}"}) == []
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+async def router(infra: Any, engine: DockerEngine, nc_service: Any, unique: str) -> AsyncIterator[RouterApp]:
+    """The router in this process, naming the registry the builder pushes docker images to."""
+    settings = RouterSettings(
+        nats_url=infra.nats_url,
+        nats_user="service",
+        nats_password=infra.nats.service,
+        database_url=infra.postgres_dsn,
+        s3_endpoint=infra.s3_endpoint,
+        s3_access_key=infra.s3.access_key,
+        s3_secret_key=infra.s3.secret_key,
+        s3_bucket=f"b{unique}",
+        schema=f"router_{unique}",
+        start_timeout_s=60.0,
+        capacity_wait_s=0.0,
+        tick_s=0.2,
+        docker_registry=engine.registry,
+    )
+    app = build_router(settings)
+    task = asyncio.create_task(app.run())
+
+    async def leading() -> bool:
+        msg = await nc_service.request(subjects.health("router"), codec.encode(HealthRequest()), timeout=2)
+        return codec.decode(msg.data, HealthReply).ok and app.leader
+
+    try:
+        await eventually(leading, timeout=30)
+        yield app
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await app.service.broker.stop()
+
+
+async def test_deploy_through_the_router_runs_the_replica_as_a_container_on_the_docker_agent(
+    stack: Stack,
+    builder: Settings,
+    router: RouterApp,
+    engine: DockerEngine,
+    nats_server: Any,
+    nc_service: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A second agent, process runtime only, whose id sorts first: without the runtime rule it would win the tie.
+    plain_id = f"ag-aa-{stack.token}"
+    plain, plain_log = _start_agent(engine, nats_server, stack.root, plain_id, docker=False)
+    app_name, module_name = f"dkr-{stack.token}", f"routed_app_{stack.token}"
+    app_dir = stack.root / "routed"
+    app_dir.mkdir()
+    app_file = app_dir / f"{module_name}.py"
+    app_file.write_text(textwrap.dedent(ROUTED_SOURCE.format(app=app_name, baked=f"routed-{stack.token}")))
+    decisions: list[SchedulerDecision] = []
+
+    async def on_decision(msg: Any) -> None:
+        decisions.append(codec.decode(msg.data, SchedulerDecision))
+
+    sub = await nc_service.subscribe(subjects.event("scheduler", "decision"), cb=on_decision)
+    runner = CliRunner()
+    try:
+
+        async def both_live() -> bool:
+            assert plain.poll() is None, plain_log.read_text(errors="replace")[-3000:]
+            live = {a.agent_id: a.runtimes for a in await router.control().live_agents()}
+            return live.get(plain_id) == ["process"] and live.get(stack.agent_id) == ["process", "docker"]
+
+        await eventually(both_live, timeout=45)
+        # `duanflow deploy` as a user runs it: bundle upload, docker build, DeployRequest to the router
+        got = await asyncio.to_thread(runner.invoke, cli, ["deploy", str(app_file), "--json"])
+        assert got.exit_code == 0, got.output + stack.agent_log.read_text(errors="replace")[-3000:]
+        deployed = json.loads(got.stdout)
+        assert deployed["image_status"] == "built" and len(deployed["replicas"]) == 1, deployed
+        replica_id = deployed["replicas"][0]
+        assert any(f"replica {replica_id} ready on {stack.agent_id}" in m for m in deployed["messages"]), deployed
+
+        ref = docker_image_ref(engine.registry, deployed["image_id"])
+        containers = stack.api.containers(filters={"label": f"io.duanflow.replica={replica_id}"})
+        assert len(containers) == 1 and containers[0]["Image"] == ref, containers
+        assert containers[0]["Labels"]["io.duanflow.agent"] == stack.agent_id
+
+        monkeypatch.syspath_prepend(str(app_dir))
+        module = importlib.import_module(module_name)
+        result = await asyncio.to_thread(module.where.remote, "routed")
+        assert result == {
+            "tag": "routed",
+            "marker": "deployed-through-the-router\n",
+            "baked": f"routed-{stack.token}",
+            "replica": replica_id,
+        }
+        placed = [d for d in decisions if d.app == app_name and d.outcome == "placed"]
+        assert [d.chosen_agent for d in placed] == [stack.agent_id], decisions
+        verdicts = {v.agent_id: v for v in placed[0].candidates}
+        assert not verdicts[plain_id].accepted and "no docker runtime" in verdicts[plain_id].reason, verdicts
+
+        stopped = await asyncio.to_thread(runner.invoke, cli, ["stop", app_name, "--json"])
+        assert stopped.exit_code == 0 and json.loads(stopped.stdout)["replicas"] == [replica_id], stopped.output
+        gone = {"all": True, "filters": {"label": f"io.duanflow.replica={replica_id}"}}
+        await eventually(lambda: _async(stack.api.containers(**gone) == []), timeout=30)
+    finally:
+        await sub.unsubscribe()
+        await asyncio.to_thread(_stop, plain)
 
 
 async def _async(value: bool) -> bool:

@@ -266,6 +266,11 @@ async def stack(
     finally:
         _client.reset_client()
         await router.stop()
+        # The agent withdrew its capacity report when it stopped, but this router may have stored a report that
+        # was still in flight after that: left there, the next test's router would see a live agent with 4 free
+        # GPUs for a few seconds, place a job on it, and let a later job take the real agent's GPUs first.
+        with contextlib.suppress(Exception):
+            await (await nc_service.jetstream().key_value(subjects.KV_CAPACITY)).delete(subjects.token(agent_id))
 
 
 async def _held_on_agent(stack: Stack) -> dict[str, list[int]]:

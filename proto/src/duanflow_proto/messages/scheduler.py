@@ -36,8 +36,9 @@ class SchedulerDecision(
     function: str
     """Function placed."""
     outcome: str
-    """``placed``, ``no_capacity`` or ``no_matching_gpu`` (placements); ``scale_up`` or ``scale_down`` (autoscaler
-    decisions, whose ``reason`` says why: ``scale from zero``, ``backlog N``, ``idle for Ns``)."""
+    """``placed``, ``no_capacity``, ``no_matching_gpu`` or ``no_runtime`` (placements); ``scale_up`` or
+    ``scale_down`` (autoscaler decisions, whose ``reason`` says why: ``scale from zero``, ``backlog N``,
+    ``idle for Ns``)."""
     chosen_agent: str = ""
     """Agent chosen (empty when none)."""
     gpu_indices: list[int] = []

@@ -141,6 +141,7 @@ class RouterApp:
                 Secrets(PostgresSecretStore(pool), AesGcmSealer(s.secret_key) if s.secret_key else None),
                 blobs,
                 PostgresAppSwitch(pool),
+                docker_registry=s.docker_registry,
             )
             for update in await control.platform.stored_prices():
                 control.apply_price(update)

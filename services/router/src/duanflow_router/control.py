@@ -72,7 +72,7 @@ RELEASED_MEMORY = 10_000
 BRUTE_FORCE_MAX_AGENTS = 256
 """Up to this many live agents a decision judges every agent (the event lists each); beyond, the index decides."""
 MAX_PRICE_PER_GPU_HOUR = 10_000.0
-WARNING_OUTCOMES = (domain.OUTCOME_NO_CAPACITY, domain.OUTCOME_NO_MATCHING_GPU)
+WARNING_OUTCOMES = (domain.OUTCOME_NO_CAPACITY, domain.OUTCOME_NO_MATCHING_GPU, domain.OUTCOME_NO_RUNTIME)
 """Decisions logged as warnings (placements and scaling decisions are info)."""
 NO_AGENT = (
     "no agent is reporting capacity, so no replica can be placed: start an agent on a GPU host "
@@ -237,7 +237,14 @@ class ControlPlane:
             now = self.fleet.price_of(rec.agent_id, rec.gpu_indices[0])
             if fn is None or fn.job is not None or fn.optimize != "price" or now is None:
                 continue
-            best = self.fleet.choose(request_of(fn))
+            runtime = domain.replica_runtime(release.spec.image)
+            if runtime:  # the index does not track runtimes: judge the docker agents one by one
+                live = await self.live_agents()
+                best = domain.place(
+                    request_of(fn, runtime), live, self.reservations(), self._released, prices=self.prices
+                )
+            else:
+                best = self.fleet.choose(request_of(fn))
             if not best.placed or best.price >= now * (1 - PRICE_HYSTERESIS):
                 continue
             url = await self.blobs.presign_get(release.bundle_key, BUNDLE_URL_TTL_S)
@@ -299,13 +306,16 @@ class ControlPlane:
         return rec
 
     def _decide(
-        self, fn: FunctionSpec, live: list[CapacityReport], env: str, app: str, image_id: str
+        self, fn: FunctionSpec, live: list[CapacityReport], env: str, app: str, image_id: str, runtime: str = ""
     ) -> domain.Placement:
-        """Filter → score → tie-break: every agent judged on small fleets, the fleet index on large ones."""
-        req = request_of(fn)
+        """Filter → score → tie-break: every agent judged on small fleets, the fleet index on large ones.
+
+        A request for the docker runtime is always judged agent by agent: the index does not track runtimes.
+        """
+        req = request_of(fn, runtime)
         warm = {r.agent_id for r in self.replicas.values() if (r.env, r.app, r.function) == (env, app, fn.name)}
         cached = {a.agent_id for a in live if image_id and image_id in a.cached_images}
-        if len(live) <= BRUTE_FORCE_MAX_AGENTS:
+        if runtime or len(live) <= BRUTE_FORCE_MAX_AGENTS:
             return domain.place(
                 req, live, self.reservations(), self._released, prices=self.prices, warm=warm, cached=cached
             )
@@ -473,9 +483,13 @@ class ControlPlane:
             for fn in spec.functions:
                 await self._announce(env, spec.name, "", fn.name, domain.place(fn, live))
             raise NoCapacityError(NO_AGENT, details=details(app=spec.name, env=env, live_agents=0))
+        runtime = domain.replica_runtime(spec.image)
         for fn in spec.functions:
-            # Refuse what can never run before anything is stored.
-            verdict = self._decide(fn, live, env, spec.name, req.image_id)
+            # Refuse what can never run (or cannot run until an agent with its runtime joins) before anything is stored.
+            verdict = self._decide(fn, live, env, spec.name, req.image_id, runtime)
+            if verdict.outcome == domain.OUTCOME_NO_RUNTIME:
+                await self._announce(env, spec.name, "", fn.name, verdict)
+                raise NoCapacityError(verdict.reason, details=details(function=fn.name, runtime=runtime))
             if verdict.outcome == domain.OUTCOME_NO_MATCHING_GPU:
                 await self._announce(env, spec.name, "", fn.name, verdict)
                 raise NoMatchingGpuError(
@@ -562,20 +576,36 @@ class ControlPlane:
         raise UnavailableError("could not allocate a release id; retry the deploy")
 
     async def _start_one(
-        self, release: Release, fn: FunctionSpec, bundle_url: str, wait_s: float = 0.0, *, job_id: str = ""
+        self,
+        release: Release,
+        fn: FunctionSpec,
+        bundle_url: str,
+        wait_s: float = 0.0,
+        *,
+        job_id: str = "",
+        on_reserved: Callable[[ReplicaRecord], None] | None = None,
     ) -> tuple[ReplicaRecord, str]:
+        """Place and start one replica; ``on_reserved`` sees its record once its GPUs are reserved, before it starts."""
         env, app = release.env, release.app
+        # Before the placement: no await may come between a decision and its reservation, or two concurrent
+        # placements (jobs, autoscaler, deploys) would both pick the same free GPUs.
+        extras = await self.setup.for_replica(release, fn) if self.setup is not None else None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         attempt = 0
+        runtime = domain.replica_runtime(release.spec.image)
         while True:
             live = await self.live_agents()
-            placement = self._decide(fn, live, env, app, release.image_id)
+            placement = self._decide(fn, live, env, app, release.image_id, runtime)
             if placement.placed:
                 break
             await self._announce(env, app, release.release_id, fn.name, placement)
             if placement.outcome == domain.OUTCOME_NO_MATCHING_GPU:
                 raise NoMatchingGpuError(placement.reason, details=details(function=fn.name))
+            if placement.outcome == domain.OUTCOME_NO_RUNTIME:  # retryable, but not worth waiting for here
+                raise NoCapacityError(
+                    placement.reason, details=details(function=fn.name, release=release.release_id, runtime=runtime)
+                )
             delay = CAPACITY_BACKOFF_S[min(attempt, len(CAPACITY_BACKOFF_S) - 1)]
             if loop.time() + delay > deadline:
                 waited = f" after waiting {wait_s:.0f}s" if wait_s else ""
@@ -585,7 +615,6 @@ class ControlPlane:
             log.info("no capacity for %s/%s.%s yet: retrying in %.1fs", env, app, fn.name, delay)
             attempt += 1
             await asyncio.sleep(delay)
-        extras = await self.setup.for_replica(release, fn) if self.setup is not None else None
         replica_id = f"rp-{uuid.uuid4().hex[:12]}"
         rec = ReplicaRecord(
             replica_id=replica_id,
@@ -600,6 +629,8 @@ class ControlPlane:
         # Reserve before the first await, so a concurrent deploy's placement sees these GPUs as taken; the
         # reservation holds until the agent confirms the replica started, and is released if it does not.
         self._reserve(rec)
+        if on_reserved is not None:
+            on_reserved(rec)
         command = StartReplica(
             replica_id=replica_id,
             env=env,
@@ -627,6 +658,7 @@ class ControlPlane:
             },
             image_url=extras.image_url if extras is not None else "",
             secret_keys=extras.secret_keys if extras is not None else [],
+            docker_image=extras.docker_image if extras is not None else "",
         )
         try:
             await self._announce(env, app, release.release_id, fn.name, placement, replica_id)

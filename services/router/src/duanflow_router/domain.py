@@ -13,12 +13,15 @@ from datetime import datetime
 
 from duanflow_proto import subjects
 from duanflow_proto.messages.agent import CapacityReport
+from duanflow_proto.messages.build import ImageSpec, needs_docker
 from duanflow_proto.messages.release import AppSpec, FunctionSpec, Release, RouteEntry, bearer_digest
 
 from duanflow_router.placement import (
     OUTCOME_NO_CAPACITY,
     OUTCOME_NO_MATCHING_GPU,
+    OUTCOME_NO_RUNTIME,
     OUTCOME_PLACED,
+    RUNTIME_DOCKER,
     Placement,
     describe_request,
     place,
@@ -185,12 +188,27 @@ def live_reports(reports: Iterable[CapacityReport], now_ms: int) -> list[Capacit
     return [newest[k] for k in sorted(newest)]
 
 
+# --------------------------------------------------------------------------- runtimes
+
+
+def replica_runtime(image: ImageSpec) -> str:
+    """The runtime a release's replicas need: ``docker`` when only the builder's docker backend builds its image
+    (Debian packages, build commands, a CUDA base), else empty (the process runtime, on any agent).
+
+    >>> replica_runtime(ImageSpec(commands=["echo hi > /marker"])), replica_runtime(ImageSpec(pip=["numpy"]))
+    ('docker', '')
+    """
+    return RUNTIME_DOCKER if needs_docker(image) else ""
+
+
 # --------------------------------------------------------------------------- placement (see placement.py)
 
 __all__ = [
     "OUTCOME_NO_CAPACITY",
     "OUTCOME_NO_MATCHING_GPU",
+    "OUTCOME_NO_RUNTIME",
     "OUTCOME_PLACED",
+    "RUNTIME_DOCKER",
     "Placement",
     "describe_request",
     "place",

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -269,6 +269,11 @@ class Jobs:
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     _reconciled_at: float = 0.0
+    _gate: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """Held from a placement's start until its GPUs are reserved: jobs take GPUs one at a time, in the order
+    their placements began (oldest first), never both the same ones."""
+    _reserved: dict[str, ReplicaRecord] = field(default_factory=dict)
+    """Job → the replica reserved for it while it is being started (its events may come before the start ends)."""
 
     # -- API
 
@@ -372,7 +377,7 @@ class Jobs:
             if row is None:
                 log.warning("event for unknown job %s ignored", event.job_id)
                 return
-            moved = apply_event(row.info, event)
+            moved = apply_event(_with_placement(row.info, self._reserved.get(event.job_id), self._gpu_type), event)
             if moved is None:
                 return
             row.info = moved
@@ -426,6 +431,8 @@ class Jobs:
         task.add_done_callback(self._tasks.discard)
 
     def _start_placing(self, job_id: str) -> None:
+        if job_id in self._placing:  # a tick may have started it between the submit's insert and here
+            return
         self._placing.add(job_id)
         self._spawn(self._place(job_id))
 
@@ -438,14 +445,28 @@ class Jobs:
         return row
 
     async def _place(self, job_id: str) -> None:
+        gated = False
+
+        def reserved(rec: ReplicaRecord) -> None:
+            nonlocal gated
+            self._reserved[job_id] = rec
+            if gated:
+                gated = False
+                self._gate.release()
+
         try:
-            await self._place_once(job_id)
+            await self._gate.acquire()
+            gated = True
+            await self._place_once(job_id, reserved)
         except Exception as exc:
             log.warning("placing job %s: %s: %s", job_id, type(exc).__name__, exc)
         finally:
+            if gated:
+                self._gate.release()
+            self._reserved.pop(job_id, None)
             self._placing.discard(job_id)
 
-    async def _place_once(self, job_id: str) -> None:
+    async def _place_once(self, job_id: str, reserved: Callable[[ReplicaRecord], None]) -> None:
         row = await self.store.get(job_id)
         if row is None or row.info.state != QUEUED or row.info.replica_id:
             return
@@ -460,7 +481,7 @@ class Jobs:
             return
         try:
             url = await self.control.blobs.presign_get(release.bundle_key, BUNDLE_URL_TTL_S)
-            rec, note = await self.control._start_one(release, fn, url, job_id=job_id)
+            rec, note = await self.control._start_one(release, fn, url, job_id=job_id, on_reserved=reserved)
         except NoMatchingGpuError as exc:
             await self._finish(row, FAILED, exc.message)
             return
@@ -586,6 +607,19 @@ class Jobs:
         log.info("%s", message)
         with contextlib.suppress(Exception):
             await self.control.platform.publish_log(line)
+
+
+def _with_placement(job: JobInfo, rec: ReplicaRecord | None, gpu_type: Callable[[ReplicaRecord], str]) -> JobInfo:
+    """The job with the replica, agent and GPUs reserved for it (unchanged when none is, or another replica runs it)."""
+    if rec is None or (job.replica_id and job.replica_id != rec.replica_id):
+        return job
+    return msgspec.structs.replace(
+        job,
+        replica_id=rec.replica_id,
+        agent_id=rec.agent_id,
+        gpu_indices=list(rec.gpu_indices),
+        gpu_type=job.gpu_type or gpu_type(rec),
+    )
 
 
 def _function(release: Release, name: str) -> FunctionSpec | None:

@@ -28,6 +28,11 @@ from duanflow_proto.messages.scheduler import CandidateVerdict
 OUTCOME_PLACED = "placed"
 OUTCOME_NO_CAPACITY = "no_capacity"
 OUTCOME_NO_MATCHING_GPU = "no_matching_gpu"
+OUTCOME_NO_RUNTIME = "no_runtime"
+"""No live agent reports the replica runtime the request needs (the docker runtime, for an image only docker builds)."""
+
+RUNTIME_DOCKER = "docker"
+"""The agents' container runtime (``CapacityReport.runtimes``); every agent has the ``process`` runtime."""
 
 OPTIMIZE_PRICE = "price"
 OPTIMIZE_LATENCY = "latency"
@@ -104,6 +109,8 @@ class Request:
     regions: frozenset[str] = frozenset()
     max_price: float | None = None
     optimize: str = OPTIMIZE_LATENCY
+    runtime: str = ""
+    """Runtime an agent must list in its report (``docker``); empty: any agent (the process runtime)."""
 
     def memory_ok(self, mb: int) -> bool:
         """Whether a GPU of nominal memory ``mb`` satisfies the request."""
@@ -125,8 +132,10 @@ class Request:
         return f"≥ {self.mem_min_mb} MiB"
 
 
-def request_of(fn: FunctionSpec) -> Request:
+def request_of(fn: FunctionSpec, runtime: str = "") -> Request:
     """Normalise a wire ``FunctionSpec`` (as the SDK wrote it) into a :class:`Request`.
+
+    ``runtime`` is the replica runtime its release's image needs (``docker``; empty: the process runtime).
 
     >>> r = request_of(FunctionSpec(name="f", gpu=["h100"], gpu_memory_mb=81920, memory_exact=True))
     >>> (r.types, r.mem_min_mb, r.mem_max_mb)
@@ -150,6 +159,7 @@ def request_of(fn: FunctionSpec) -> Request:
         regions=frozenset(r.strip().lower() for r in fn.region if r.strip()),
         max_price=fn.max_price,
         optimize=OPTIMIZE_PRICE if fn.optimize == OPTIMIZE_PRICE else OPTIMIZE_LATENCY,
+        runtime=runtime,
     )
 
 
@@ -171,6 +181,8 @@ def describe_request(fn: FunctionSpec | Request) -> str:
         text += f" at ≤ ${req.max_price:.2f}/GPU-h"
     if req.types and req.optimize == OPTIMIZE_PRICE:
         text += " (cheapest first)"
+    if req.runtime:
+        text += f" on the {req.runtime} runtime"
     return text
 
 
@@ -268,6 +280,7 @@ class Placement:
 
 
 # Rejection kinds, in filter order; the no_matching_gpu reason groups rejections by them.
+REJECT_RUNTIME = "runtime"
 REJECT_REGION = "region"
 REJECT_TYPE = "type"
 REJECT_MEMORY = "memory"
@@ -310,8 +323,11 @@ def judge(
     warm: bool = False,
     cached: bool = False,
 ) -> Judgement:
-    """Judge one agent for ``req``: filter (region, type, memory, count on one host, price cap, free) → key."""
+    """Judge one agent for ``req``: filter (runtime, region, type, memory, count on one host, price cap, free) → key."""
     agent = report.agent_id
+    if req.runtime and req.runtime not in report.runtimes:
+        runtimes = ", ".join(report.runtimes) or "none reported"
+        return _reject(agent, REJECT_RUNTIME, f"no {req.runtime} runtime (runtimes: {runtimes})")
     region = report.region.strip().lower()
     if req.regions and region not in req.regions:
         return _reject(agent, REJECT_REGION, f"region {report.region!r} not in {sorted(req.regions)}")
@@ -408,8 +424,9 @@ def place(
     ``reserved`` holds GPU indices per agent already promised to replicas the reports may not show yet;
     ``released`` names replicas already told to stop, whose GPUs the reports may still show as held;
     ``warm``/``cached`` name agents running a replica of the function / holding its image (latency scoring).
-    The outcome is ``placed``, ``no_capacity`` (would fit, nothing free now) or ``no_matching_gpu`` (no live
-    agent could ever fit; its reason groups the rejections by the constraint that excluded them).
+    The outcome is ``placed``, ``no_capacity`` (would fit, nothing free now), ``no_runtime`` (the request needs
+    a runtime, ``docker``, that no live agent reports) or ``no_matching_gpu`` (no live agent could ever fit; its
+    reason groups the rejections by the constraint that excluded them).
     """
     req = fn if isinstance(fn, Request) else request_of(fn)
     reserved = reserved or {}
@@ -422,6 +439,17 @@ def place(
         judged.append(judge(req, report, busy, book, warm=report.agent_id in warm, cached=report.agent_id in cached))
     verdicts = tuple(j.verdict for j in judged)
     request = describe_request(req)
+    if req.runtime and all(j.kind == REJECT_RUNTIME for j in judged):
+        seen = sorted({r for report in agents for r in report.runtimes}) or ["none reported"]
+        hint = (
+            " (an agent has it when started with DUANFLOW_AGENT_DOCKER_HOST)" if req.runtime == RUNTIME_DOCKER else ""
+        )
+        return Placement(
+            OUTCOME_NO_RUNTIME,
+            candidates=verdicts,
+            reason=f"no live agent has the {req.runtime} runtime{hint} that {req.name} ({request}) needs: "
+            f"{len(agents)} live agent(s) with runtimes {', '.join(seen)}",
+        )
     accepted = [(j.key, i) for i, j in enumerate(judged) if j.verdict.accepted]
     if accepted:
         _, i = min(accepted)

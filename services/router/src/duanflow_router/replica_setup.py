@@ -1,4 +1,5 @@
-"""What a release's replicas get beyond the spec: secret env vars, the venv image URL; and ``duanflow stop``.
+"""What a release's replicas get beyond the spec: secret env vars, the venv image URL or the docker image; and
+``duanflow stop``.
 
 The control plane calls :meth:`ReplicaSetup.check` before a release is stored (a missing secret fails the deploy
 naming it, leaving nothing behind) and :meth:`ReplicaSetup.for_replica` for every ``StartReplica``.
@@ -13,7 +14,7 @@ from typing import Protocol
 import msgspec
 from duanflow_proto import subjects
 from duanflow_proto.errors import InvalidInputError, NotFoundError, details
-from duanflow_proto.messages.build import image_artifact_key
+from duanflow_proto.messages.build import docker_image_ref, image_artifact_key, needs_docker
 from duanflow_proto.messages.release import AppSpec, AppStopReply, AppStopRequest, DeployRequest, FunctionSpec, Release
 
 from duanflow_router.ports import BlobStore, ReleaseStore, ReplicaRecord
@@ -24,11 +25,14 @@ IMAGE_URL_TTL_S = 3600
 
 @dataclass(frozen=True)
 class ReplicaExtras:
-    """The env vars (plain and secret), which of them are secret, and the image download URL of one replica."""
+    """The env vars (plain and secret), which of them are secret, and the image of one replica."""
 
     env_vars: dict[str, str]
     secret_keys: list[str] = field(default_factory=list)
     image_url: str = ""
+    """Presigned GET of the packed venv image (process runtime); empty: none."""
+    docker_image: str = ""
+    """Registry reference of the release's docker image (docker runtime); empty: the process runtime."""
 
 
 class AppSwitch(Protocol):
@@ -42,14 +46,19 @@ class AppSwitch(Protocol):
 class ReplicaSetup:
     """Secret checks and injection, image URLs, and stopping apps, over the control plane's stores."""
 
-    def __init__(self, secrets: Secrets, blobs: BlobStore, switch: AppSwitch) -> None:
+    def __init__(self, secrets: Secrets, blobs: BlobStore, switch: AppSwitch, *, docker_registry: str = "") -> None:
         self.secrets = secrets
         self.blobs = blobs
         self.switch = switch
+        self.docker_registry = docker_registry
+        """The registry the builder's docker backend pushes to (``host:port``); empty: docker images are refused."""
 
     async def check(self, req: DeployRequest) -> None:
-        """Refuse a deploy whose secrets are missing or whose bearer-auth secret sets no such key."""
+        """Refuse a deploy whose secrets are missing, whose bearer-auth secret sets no such key, or whose docker
+        image this router cannot name."""
         spec, env = req.spec, req.env
+        if needs_docker(spec.image):
+            self._check_docker(req)
         names = all_names(spec)
         for name in names:
             if not isinstance(name, str) or not name:
@@ -68,10 +77,39 @@ class ReplicaSetup:
                     details=details(function=fn.name),
                 )
 
+    def _check_docker(self, req: DeployRequest) -> None:
+        used = "Debian packages, build commands or a CUDA base"
+        if not self.docker_registry:
+            raise InvalidInputError(
+                f"the image of {req.spec.name} ({used}) runs only on the docker runtime, and this router has no "
+                "registry to run it from: set DUANFLOW_ROUTER_DOCKER_REGISTRY to the builder's "
+                "DUANFLOW_BUILDER_DOCKER_REGISTRY",
+                details=details(app=req.spec.name, needs="docker"),
+            )
+        if not req.image_id:
+            raise InvalidInputError(
+                f"the image of {req.spec.name} ({used}) runs only on the docker runtime: deploy it with the image "
+                "id the builder's docker backend built (`duanflow deploy` does)",
+                details=details(app=req.spec.name, needs="docker"),
+            )
+
     async def for_replica(self, release: Release, fn: FunctionSpec) -> ReplicaExtras:
-        """Env vars of one replica: the app's and function's plain env, then its secrets' keys (secrets win)."""
+        """Env vars of one replica: the app's and function's plain env, then its secrets' keys (secrets win); and
+        its image: the docker image when only docker builds the release's image, else the packed venv if any."""
         plain = {**release.spec.image.env, **release.spec.env, **fn.env}
         secret_env = await self.secrets.values(release.env, names_of(release.spec, fn))
+        if needs_docker(release.spec.image):
+            if not self.docker_registry or not release.image_id:  # check() refuses such deploys; a stale release
+                raise InvalidInputError(
+                    f"release {release.release_id} of {release.app} needs the docker runtime, but this router has "
+                    "no DUANFLOW_ROUTER_DOCKER_REGISTRY or the release no image id",
+                    details=details(app=release.app, release=release.release_id, needs="docker"),
+                )
+            return ReplicaExtras(
+                env_vars={**plain, **secret_env},
+                secret_keys=sorted(secret_env),
+                docker_image=docker_image_ref(self.docker_registry, release.image_id),
+            )
         image_url = ""
         if release.image_id:
             key = image_artifact_key(release.image_id)

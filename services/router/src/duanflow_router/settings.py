@@ -40,6 +40,9 @@ class Settings(BaseSettings, frozen=True, kw_only=True):
     """Replicas the autoscaler starts at most per pass, over every function (bounds a burst of placements)."""
     queue_metrics_interval_s: float = 5.0
     """Seconds between reads of every consumer's depth for the queue gauges (only while ``metrics_port`` is set)."""
+    docker_registry: str = ""
+    """The stack's registry (``host:port``, the builder's ``DUANFLOW_BUILDER_DOCKER_REGISTRY``): replicas of an image
+    only docker builds run from ``<registry>/duanflow/images:<image id>``. Empty: such deploys are refused."""
     secret_key: str = ""
     """Key that seals stored secrets (AES-256-GCM via HKDF; 32+ random characters). Empty: secrets are refused."""
 
