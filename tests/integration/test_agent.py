@@ -486,10 +486,15 @@ async def test_sigterm_stops_the_agent_and_every_replica(
         pids = [a.pid, b.pid, grandchild]
         assert all(psutil.pid_exists(p) and not gone(p) for p in pids)
 
+        reports, report_sub = await collect(nc, subjects.capacity(agent.agent_id), CapacityReport)
         agent.proc.send_signal(signal.SIGTERM)
         code = await asyncio.to_thread(agent.proc.wait, 30)
         assert code == 0, agent.output()[-3000:]
         assert all(gone(p) for p in pids), [(p, not gone(p)) for p in pids]
+        await nc.flush()
+        await report_sub.unsubscribe()
+        # its last word on the capacity subject says it is leaving (routers drop it and ignore older reports)
+        assert reports.items and reports.items[-1].leaving and not any(r.leaving for r in reports.items[:-1])
         with pytest.raises(KeyValueError):  # withdrawn from the capacity bucket, not left for the TTL
             await kv.get(agent.agent_id)
     finally:

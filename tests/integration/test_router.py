@@ -566,3 +566,40 @@ async def test_sigterm_exits_cleanly(infra: Any, unique: str, nc_service: Any) -
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_a_leaving_agent_is_dropped_and_its_late_reports_ignored(
+    router: Settings, nc_service: Any, unique: str
+) -> None:
+    """An agent that stops sends a ``leaving`` report after its last one; a report of it still in flight (not newer)
+    must not store it again as live, or placements would pick a host that is gone."""
+    kv = await nc_service.jetstream().key_value(subjects.KV_CAPACITY)
+    agent, probe = f"ag-leave{unique}", f"ag-probe{unique}"
+
+    async def report(agent_id: str, ts_ms: int, *, leaving: bool = False) -> None:
+        msg = CapacityReport(agent_id=agent_id, host="h", gpus=[h100(0)], simulated=True, ts_ms=ts_ms, leaving=leaving)
+        await nc_service.publish(subjects.capacity(agent_id), codec.encode(msg))
+
+    async def stored(agent_id: str) -> bool:
+        try:
+            return (await kv.get(subjects.token(agent_id))).value is not None
+        except Exception:
+            return False
+
+    async def gone(agent_id: str) -> bool:
+        return not await stored(agent_id)
+
+    now = _now_ms()
+    await report(agent, now)
+    await eventually(lambda: stored(agent))
+    await report(agent, now + 1, leaving=True)
+    await eventually(lambda: gone(agent))
+    await report(agent, now)  # the late one, sent before it left
+    await report(probe, now + 2)  # the router handles reports in order: once this is stored, the late one was seen
+    await eventually(lambda: stored(probe))
+    assert await gone(agent)
+    await report(agent, now + 3)  # restarted under the same id
+    await eventually(lambda: stored(agent))
+    for a in (agent, probe):
+        await report(a, now + 4, leaving=True)
+        await eventually(lambda a=a: gone(a))  # type: ignore[misc]

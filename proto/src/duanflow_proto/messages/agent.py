@@ -86,6 +86,9 @@ class CapacityReport(msgspec.Struct, frozen=True, kw_only=True, tag="duanflow.v1
     """Image ids cached on the host's disk (latency placement prefers them)."""
     runtimes: list[str] = []
     """How this agent can run replicas: ``process``, and ``docker`` when its docker runtime is configured."""
+    leaving: bool = False
+    """The agent is stopping: its last report. Routers drop it from the fleet at once and ignore any older report
+    still in flight (which would otherwise store it again as live)."""
 
 
 class StartReplica(msgspec.Struct, frozen=True, kw_only=True, tag="duanflow.v1.agent.start_replica", tag_field="type"):

@@ -20,7 +20,7 @@ from duanflow_kit import telemetry
 from duanflow_kit.service import Service
 from duanflow_proto import codec, subjects
 from duanflow_proto.errors import InvalidInputError
-from duanflow_proto.messages.agent import StartReplica
+from duanflow_proto.messages.agent import CapacityReport, StartReplica
 from nats.js.kv import KeyValue
 
 from duanflow_agent import domain, handlers
@@ -177,8 +177,7 @@ def build_app(settings: Settings, probe: GpuProbe | None = None) -> AgentApp:
                 report_task.cancel()
                 await relay.flush()
                 relay_task.cancel()
-                if settings.capacity_kv:
-                    await _withdraw(svc, agent_id)
+                await _withdraw(svc, agent_id, settings.capacity_kv)
 
     return AgentApp(service=service, supervisor=supervisor, lifespan=lifespan)
 
@@ -235,8 +234,19 @@ def runtimes(sup: Supervisor) -> list[str]:
     return ["process", "docker"] if sup.containers is not None else ["process"]
 
 
-async def _withdraw(svc: Service, agent_id: str) -> None:
-    """A stopping agent takes its report out of the capacity bucket instead of waiting for the TTL."""
+async def _withdraw(svc: Service, agent_id: str, capacity_kv: bool) -> None:
+    """A stopping agent says so (a ``leaving`` report, after every report it sent) and takes its report out of the
+    capacity bucket, instead of waiting for the TTL or the missed beats."""
+    leaving = CapacityReport(
+        agent_id=agent_id, host=socket.gethostname(), leaving=True, ts_ms=time.time_ns() // 1_000_000
+    )
+    try:
+        await svc.nc.publish(subjects.capacity(agent_id), codec.encode(leaving))
+        await svc.nc.flush(timeout=2)
+    except Exception as exc:
+        log.warning("leaving report of %s not published: %s", agent_id, exc)
+    if not capacity_kv:
+        return
     try:
         kv = await svc.js.key_value(subjects.KV_CAPACITY)
         await kv.delete(subjects.token(agent_id))

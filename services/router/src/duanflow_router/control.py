@@ -72,6 +72,8 @@ RELEASED_MEMORY = 10_000
 BRUTE_FORCE_MAX_AGENTS = 256
 """Up to this many live agents a decision judges every agent (the event lists each); beyond, the index decides."""
 MAX_PRICE_PER_GPU_HOUR = 10_000.0
+MAX_LEFT_AGENTS = 10_000
+"""Agents remembered as having left (their late reports are ignored); the oldest are forgotten first."""
 WARNING_OUTCOMES = (domain.OUTCOME_NO_CAPACITY, domain.OUTCOME_NO_MATCHING_GPU, domain.OUTCOME_NO_RUNTIME)
 """Decisions logged as warnings (placements and scaling decisions are info)."""
 NO_AGENT = (
@@ -120,6 +122,8 @@ class ControlPlane:
         self.prices = PriceBook()
         self.fleet = FleetIndex(self.prices)
         self.dead_agents: list[str] = []
+        self._left: dict[str, int] = {}
+        """Agents that said they are leaving, with the time of that report (reports no newer are ignored)."""
         self._unplaced: list[ReplicaRecord] = []
         self._prices_changed = False
         self.rebalance_passes = 0
@@ -145,7 +149,24 @@ class ControlPlane:
         return int(self._wall_now().timestamp() * 1000)
 
     async def observe_capacity(self, report: CapacityReport) -> None:
-        """Index one capacity report published on the core subject and store it in the capacity KV bucket."""
+        """Index one capacity report published on the core subject and store it in the capacity KV bucket.
+
+        A ``leaving`` report (an agent stopping) takes the agent out of the index and the bucket at once; a report
+        of it that is not newer (one still in flight when it left) is then ignored instead of storing it again.
+        """
+        left = self._left.get(report.agent_id)
+        if left is not None:
+            if report.ts_ms <= left and not report.leaving:
+                return
+            del self._left[report.agent_id]  # restarted under the same id
+        if report.leaving:
+            self._left[report.agent_id] = report.ts_ms
+            while len(self._left) > MAX_LEFT_AGENTS:
+                del self._left[next(iter(self._left))]
+            self.fleet.remove(report.agent_id)
+            await self.platform.delete_capacity(report.agent_id)
+            log.info("agent %s is leaving: out of the fleet", report.agent_id)
+            return
         self.fleet.observe(report)
         await self.platform.put_capacity(report)
 
@@ -154,7 +175,11 @@ class ControlPlane:
 
         Agents gone from the bucket (withdrawn, or aged out by its TTL) leave the index too.
         """
-        live = domain.live_reports(await self.platform.capacity_reports(), self._now_ms())
+        live = [
+            r
+            for r in domain.live_reports(await self.platform.capacity_reports(), self._now_ms())
+            if r.ts_ms > self._left.get(r.agent_id, -1)
+        ]
         present = {r.agent_id for r in live}
         for report in live:
             self.fleet.observe(report)

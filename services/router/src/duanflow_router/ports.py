@@ -117,6 +117,9 @@ class Platform(Protocol):
     async def put_capacity(self, report: CapacityReport) -> None:
         """Store an agent's latest report in the capacity KV bucket."""
 
+    async def delete_capacity(self, agent_id: str) -> None:
+        """Remove an agent's report from the capacity KV bucket (it said it is leaving)."""
+
     async def capacity_reports(self) -> list[CapacityReport]:
         """Every report in the capacity KV bucket (its TTL drops agents that stopped reporting)."""
 

@@ -201,6 +201,11 @@ class NatsPlatform:
         kv = await self._capacity()
         await kv.put(subjects.token(report.agent_id), codec.encode(report))
 
+    async def delete_capacity(self, agent_id: str) -> None:
+        """Delete the agent's entry in the capacity bucket."""
+        kv = await self._capacity()
+        await kv.delete(subjects.token(agent_id))
+
     async def capacity_reports(self) -> list[CapacityReport]:
         """Every decodable report in the capacity bucket; garbage values are skipped (and logged)."""
         kv = await self._capacity()
