@@ -81,7 +81,7 @@ nats-conf: $(SYNCED) ## write docker/nats/nats.conf (per-role NATS users) from t
 docs: $(SYNCED) ## regenerate the generated sections of docs/ARCHITECTURE.md (NATS layout, roles)
 	$(BIN)/python scripts/arch_doc.py
 
-BENCHES ?= remote_latency map_throughput cold_start router_sim gateway logs queue queue_durability
+BENCHES ?= remote_latency map_throughput cold_start router_sim gateway logs queue durability queue_durability
 
 # the peers (Ray, Celery with Debian's redis-server) come with `scripts/install.sh --peers`; one that cannot be
 # installed is skipped by the benches with a JSON line saying why
