@@ -116,7 +116,7 @@ def make(ports: Ports, inventory: domain.Inventory, *, docker: bool) -> Supervis
         open_log=Log,
         work_dir=ports.bundle.parent,
         argv=["/host/venv/bin/python", "-m", "duanflow._runtime"],
-        base_env={"PATH": "/host/venv/bin", "HOME": "/root"},
+        base_env={"PATH": "/host/venv/bin", "HOME": "/root", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"},
         nats_url="nats://127.0.0.1:4222",
         nats_user="agent",
         nats_password="pw",
@@ -154,6 +154,8 @@ async def test_a_docker_replica_runs_as_a_container_with_its_gpus(tmp_path: Path
         assert c.binds == [ports.bundle] and c.gpus == [2, 3]
         # the image's PATH and HOME, not the agent host's; its two GPUs are 0 and 1 inside the container
         assert "PATH" not in c.env and "HOME" not in c.env
+        # tracing follows the agent's setting into the container (the process runtime inherits it)
+        assert c.env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://127.0.0.1:4318"
         assert c.env["CUDA_VISIBLE_DEVICES"] == "0,1" and c.env["DUANFLOW_REPLICA_ID"] == "rp-a"
         assert c.env["PYTHONPATH"] == str(ports.bundle) and c.env["USER_VAR"] == "1"
         await sup.stop(StopReplica(replica_id="rp-a"))

@@ -153,8 +153,10 @@ class Supervisor:
         real_gpus = bool(cmd.gpu_indices) and not self.inventory.simulated
         env = domain.replica_env(
             cmd,
-            # a container's PATH, HOME, ... are its image's, not the agent host's
-            base={} if cmd.docker_image else self._base_env,
+            # a container's PATH, HOME, ... are its image's, not the agent host's; tracing settings do carry over
+            base={k: v for k, v in self._base_env.items() if k.startswith("OTEL_")}
+            if cmd.docker_image
+            else self._base_env,
             bundle_dir=str(bundle_dir),
             nats_url=self._nats[0],
             nats_user=self._nats[1],
