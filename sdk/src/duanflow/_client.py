@@ -167,12 +167,15 @@ class Client:
             where = f"{profile.nats_url} (profile from {_config.config_path()})"
             await _check_reachable(profile.nats_url, where)
             last_error: list[BaseException] = []
+            refused = asyncio.Event()
 
             async def on_error(exc: Exception) -> None:
                 last_error.append(exc)
+                if self._nc is None and isinstance(exc, ConnectionResetError):
+                    refused.set()  # dropped during the handshake: retrying until the timeout would not help
 
             try:
-                nc = await asyncio.wait_for(
+                nc = await _first_of(
                     nats.connect(
                         servers=[profile.nats_url],
                         user=profile.nats_user or None,
@@ -184,12 +187,21 @@ class Client:
                         error_cb=on_error,
                         reconnected_cb=self._on_reconnected,
                     ),
+                    refused,
                     CONNECT_TIMEOUT_S,
                 )
             except (TimeoutError, OSError, nats.errors.Error) as exc:
                 reason = last_error[-1] if last_error else exc
+                hint = ""
+                if isinstance(reason, ConnectionResetError) and (profile.nats_user or profile.nats_password):
+                    # nats-server answers a bad login with -ERR 'Authorization Violation' and closes at once; the
+                    # reset can reach us before that line does
+                    hint = (
+                        " (the server dropped the connection during login, as it does on an Authorization Violation:"
+                        " check the token, or user and password, with `duanflow auth login`)"
+                    )
                 raise UnavailableError(
-                    f"cannot connect to DuanFlow at {where}: {reason or type(reason).__name__}"
+                    f"cannot connect to DuanFlow at {where}: {reason or type(reason).__name__}{hint}"
                 ) from None
             self._inbox = nc.new_inbox()
             self._ack_inbox = nc.new_inbox()
@@ -686,6 +698,22 @@ class _LoopWaiter:
 
     def on_error(self, exc: BaseException) -> None:
         self.loop.call_soon_threadsafe(self._set, None, exc)
+
+
+async def _first_of(connect: Coroutine[Any, Any, Any], refused: asyncio.Event, within_s: float) -> Any:
+    """The connection ``connect`` makes, unless ``refused`` is set or ``within_s`` passes first (TimeoutError)."""
+    task = asyncio.ensure_future(connect)
+    gave_up = asyncio.ensure_future(refused.wait())
+    try:
+        await asyncio.wait({task, gave_up}, timeout=within_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gave_up.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+    raise TimeoutError
 
 
 class _SyncWaiter:
