@@ -53,7 +53,7 @@ from duanflow_router import domain
 from duanflow_router.fleet import FleetIndex
 from duanflow_router.placement import PriceBook, norm_type, request_of
 from duanflow_router.ports import AgentClient, BlobStore, Platform, ReleaseStore, ReplicaRecord
-from duanflow_router.replica_setup import ReplicaSetup
+from duanflow_router.replica_setup import ReplicaExtras, ReplicaSetup
 
 log = logging.getLogger("duanflow.router")
 
@@ -612,9 +612,8 @@ class ControlPlane:
     ) -> tuple[ReplicaRecord, str]:
         """Place and start one replica; ``on_reserved`` sees its record once its GPUs are reserved, before it starts."""
         env, app = release.env, release.app
-        # Before the placement: no await may come between a decision and its reservation, or two concurrent
-        # placements (jobs, autoscaler, deploys) would both pick the same free GPUs.
-        extras = await self.setup.for_replica(release, fn) if self.setup is not None else None
+        extras: ReplicaExtras | None = None
+        fetched = self.setup is None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         attempt = 0
@@ -623,7 +622,14 @@ class ControlPlane:
             live = await self.live_agents()
             placement = self._decide(fn, live, env, app, release.image_id, runtime)
             if placement.placed:
-                break
+                if fetched:
+                    break
+                # The replica's secrets and image URL are read only once it can be placed (a queued job costs no
+                # lookup per tick), then the placement is decided again: no await may come between a decision and
+                # its reservation, or two concurrent placements (jobs, autoscaler, deploys) could take the same GPUs.
+                assert self.setup is not None
+                extras, fetched = await self.setup.for_replica(release, fn), True
+                continue
             await self._announce(env, app, release.release_id, fn.name, placement)
             if placement.outcome == domain.OUTCOME_NO_MATCHING_GPU:
                 raise NoMatchingGpuError(placement.reason, details=details(function=fn.name))
