@@ -213,6 +213,30 @@ def test_remote_runs_on_the_replica(deployed: Deployed, capfd: pytest.CaptureFix
     assert err.count("note: work ran on a simulated H100 (no GPU on this machine)") == 1, err
 
 
+async def _held(client: _client.Client) -> tuple[int, int]:
+    return len(client._pending), len(client._in_flight)
+
+
+def test_answered_calls_leave_nothing_behind_and_are_never_published_again(deployed: Deployed) -> None:
+    """A sync or cross-loop call that got its answer is forgotten at once: no waiter kept per call (memory), and no
+    late confirmation publishing the invocation again a second later (a PubAck and a de-duplication per call)."""
+    work = deployed.module.work
+    client = _client.get_client()
+    assert work.remote("echo", 0) == {"value": 0, "pid_is_remote": True}
+    for i in range(50):
+        assert work.remote("echo", i)["value"] == i
+
+    async def aio_calls() -> list[Any]:
+        return [await work.remote.aio("echo", i) for i in range(20)]
+
+    assert [r["value"] for r in asyncio.run(aio_calls())] == list(range(20))
+    assert client.run(_held, client) == (0, 0)
+    unacked_before = len(client._unacked)
+    time.sleep(_client.CONFIRM_AFTER_S + 0.3)  # past the late confirmation of every call above
+    assert client.run(_held, client) == (0, 0)
+    assert len(client._unacked) == unacked_before  # nothing was published again asking for a PubAck
+
+
 async def test_remote_aio_runs_concurrently_up_to_concurrency(deployed: Deployed) -> None:
     awork = deployed.module.awork
     assert await awork.remote.aio(0, "warm") == "warm"

@@ -223,6 +223,11 @@ class Client:
             if not waiter.done():
                 waiter.set_result(msg.data)
         else:
+            if type(waiter) is _SyncWaiter or type(waiter) is _LoopWaiter:
+                # One result each: forget it here, in the read loop, so the caller need not hop back onto this loop
+                # to do it, and the late confirmation (CONFIRM_AFTER_S) finds nothing to publish again. (Maps and
+                # generators are sinks of many messages: they forget themselves.)
+                del self._pending[key]
             waiter.on_data(msg.data)  # type: ignore[union-attr]
 
     def _on_puback(self, msg: Msg) -> None:
@@ -553,7 +558,8 @@ class Client:
                 details={"call_id": call_id},
             ) from None
         finally:
-            self._loop.call_soon_threadsafe(self._forget, call_id)
+            if not waiter.future.done() or waiter.future.cancelled():  # an answer already forgot it (_on_result)
+                self._loop.call_soon_threadsafe(self._forget, call_id)
         if _NO_REF not in data:
             data = await self.run_async(self.inline_result, data)
         return target, data
