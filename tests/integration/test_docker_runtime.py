@@ -418,6 +418,21 @@ async def router(infra: Any, engine: DockerEngine, nc_service: Any, unique: str)
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await app.service.broker.stop()
+        # This router stored the module's agents in the capacity bucket, and no router will hear them leave: left
+        # there, the next module's router would take them for live for a few seconds and place replicas on them.
+        kv = await nc_service.jetstream().key_value(subjects.KV_CAPACITY)
+        for key in await _keys(kv):
+            if key.startswith(("ag-dk-", "ag-aa-")):
+                with contextlib.suppress(Exception):
+                    await kv.delete(key)
+
+
+async def _keys(kv: Any) -> list[str]:
+    try:
+        keys: list[str] = await kv.keys()
+    except Exception:  # an empty bucket
+        return []
+    return keys
 
 
 async def test_deploy_through_the_router_runs_the_replica_as_a_container_on_the_docker_agent(

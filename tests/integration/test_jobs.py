@@ -413,8 +413,14 @@ async def test_cli_lists_shows_and_cancels_jobs(stack: Stack) -> None:
     await eventually(running, timeout=60)
     listed = await asyncio.to_thread(cli_json, "jobs", "list", "--app", stack.app, "--json")
     assert [j["job_id"] for j in listed["jobs"]] == [job.job_id]
-    shown = await asyncio.to_thread(cli_json, "jobs", "status", job.job_id, "--json")
-    assert shown["state"] == "running" and shown["function"] == "hold" and len(shown["gpu_indices"]) == 2
+
+    async def shown_running() -> Any:
+        # the job wrote its mark as it began; its `running` event reaches the router a moment later
+        shown = await asyncio.to_thread(cli_json, "jobs", "status", job.job_id, "--json")
+        return shown if shown["state"] == "running" else None
+
+    shown = await eventually(shown_running, timeout=20)
+    assert shown["function"] == "hold" and len(shown["gpu_indices"]) == 2
     replica = shown["replica_id"]
 
     cancelled = await asyncio.to_thread(cli_json, "jobs", "cancel", job.job_id, "--json")

@@ -34,6 +34,9 @@ REPORT = CapacityReport(
 class Fakes:
     """Store, agents and platform of one control plane; every call yields to the loop, as real I/O does."""
 
+    docker_registry = ""
+    """As a ReplicaSetup: no docker on this stack."""
+
     def __init__(self) -> None:
         self.started: list[StartReplica] = []
 

@@ -107,17 +107,19 @@ def test_a_busy_docker_agent_is_no_capacity_not_another_agent() -> None:
 
 
 @pytest.mark.parametrize(
-    ("image", "runtime"),
+    ("image", "docker", "runtime"),
     [
-        (ImageSpec(), ""),
-        (ImageSpec(pip=["numpy"], env={"A": "1"}), ""),
-        (ImageSpec(commands=["echo hi > /marker"]), RUNTIME_DOCKER),
-        (ImageSpec(apt=["git"]), RUNTIME_DOCKER),
-        (ImageSpec(base="cuda", cuda="12.4"), RUNTIME_DOCKER),
+        (ImageSpec(), True, ""),
+        (ImageSpec(pip=["numpy"], env={"A": "1"}), True, ""),
+        (ImageSpec(commands=["echo hi > /marker"]), True, RUNTIME_DOCKER),
+        (ImageSpec(apt=["git"]), False, RUNTIME_DOCKER),
+        (ImageSpec(base="cuda", cuda="12.4"), True, RUNTIME_DOCKER),
+        # no docker on the stack: the builder makes a CUDA image a venv, and any agent runs it as a process
+        (ImageSpec(base="cuda", cuda="12.4", pip=["torch"]), False, ""),
     ],
 )
-def test_replica_runtime_follows_what_only_docker_builds(image: ImageSpec, runtime: str) -> None:
-    assert replica_runtime(image) == runtime
+def test_replica_runtime_follows_the_builders_backend(image: ImageSpec, docker: bool, runtime: str) -> None:
+    assert replica_runtime(image, docker) == runtime
 
 
 def test_control_plane_judges_docker_requests_agent_by_agent_on_large_fleets() -> None:
@@ -159,6 +161,16 @@ async def test_replica_setup_names_the_registry_image_of_a_docker_release() -> N
     extras = await setup.for_replica(_release(ImageSpec(commands=["true"], env={"BAKED": "x"})), CPU)
     assert extras.docker_image == "reg:5000/duanflow/images:im-0123"
     assert (extras.image_url, extras.env_vars) == ("", {"BAKED": "x", "APP": "1"})
+
+
+async def test_a_cuda_image_on_a_stack_without_docker_runs_as_a_process() -> None:
+    """``Image.cuda(...).pip_install(...)`` on the local stack (no docker): the builder made a venv, so the router
+    accepts the deploy and hands replicas no container image."""
+    setup = ReplicaSetup(Secrets(cast(Any, None), None), cast(Any, _NoBlobs()), cast(Any, None))
+    release = _release(ImageSpec(base="cuda", cuda="12.4", pip=["torch"]))
+    await setup.check(DeployRequest(spec=release.spec, bundle_key="k", bundle_digest="d", image_id="im-0123"))
+    with pytest.raises(AssertionError, match="looked up images/im-0123"):  # the venv image, not a registry one
+        await setup.for_replica(release, CPU)
 
 
 async def test_deploy_of_a_docker_image_without_a_router_registry_is_refused_naming_the_setting() -> None:

@@ -28,6 +28,7 @@ from duanflow_proto.errors import (
     details,
 )
 from duanflow_proto.messages.agent import CapacityReport, FleetReply, StartReplica, StopReplica
+from duanflow_proto.messages.build import ImageSpec
 from duanflow_proto.messages.invocation import PayloadUrlReply, PayloadUrlRequest
 from duanflow_proto.messages.jobs import ENV_JOB_ID
 from duanflow_proto.messages.logs import LogLine
@@ -262,7 +263,7 @@ class ControlPlane:
             now = self.fleet.price_of(rec.agent_id, rec.gpu_indices[0])
             if fn is None or fn.job is not None or fn.optimize != "price" or now is None:
                 continue
-            runtime = domain.replica_runtime(release.spec.image)
+            runtime = self._runtime(release.spec.image)
             if runtime:  # the index does not track runtimes: judge the docker agents one by one
                 live = await self.live_agents()
                 best = domain.place(
@@ -329,6 +330,11 @@ class ControlPlane:
         if rec is not None:
             self.fleet.unreserve(rec.agent_id, rec.gpu_indices, replica_id if stopped else "")
         return rec
+
+    def _runtime(self, image: ImageSpec) -> str:
+        """The runtime a release's replicas need (:func:`domain.replica_runtime`; docker when this router has the
+        builder's registry)."""
+        return domain.replica_runtime(image, self.setup is not None and bool(self.setup.docker_registry))
 
     def _decide(
         self, fn: FunctionSpec, live: list[CapacityReport], env: str, app: str, image_id: str, runtime: str = ""
@@ -508,7 +514,7 @@ class ControlPlane:
             for fn in spec.functions:
                 await self._announce(env, spec.name, "", fn.name, domain.place(fn, live))
             raise NoCapacityError(NO_AGENT, details=details(app=spec.name, env=env, live_agents=0))
-        runtime = domain.replica_runtime(spec.image)
+        runtime = self._runtime(spec.image)
         for fn in spec.functions:
             # Refuse what can never run (or cannot run until an agent with its runtime joins) before anything is stored.
             verdict = self._decide(fn, live, env, spec.name, req.image_id, runtime)
@@ -617,19 +623,20 @@ class ControlPlane:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         attempt = 0
-        runtime = domain.replica_runtime(release.spec.image)
+        runtime = self._runtime(release.spec.image)
         while True:
             live = await self.live_agents()
             placement = self._decide(fn, live, env, app, release.image_id, runtime)
-            if placement.placed:
-                if fetched:
-                    break
+            if placement.placed and not fetched:
                 # The replica's secrets and image URL are read only once it can be placed (a queued job costs no
-                # lookup per tick), then the placement is decided again: no await may come between a decision and
-                # its reservation, or two concurrent placements (jobs, autoscaler, deploys) could take the same GPUs.
+                # lookup per tick), then the placement is decided again over the same reports and the reservations
+                # as they are now: no await may come between a decision and its reservation, or two concurrent
+                # placements (jobs, autoscaler, deploys) could take the same GPUs.
                 assert self.setup is not None
                 extras, fetched = await self.setup.for_replica(release, fn), True
-                continue
+                placement = self._decide(fn, live, env, app, release.image_id, runtime)
+            if placement.placed:
+                break
             await self._announce(env, app, release.release_id, fn.name, placement)
             if placement.outcome == domain.OUTCOME_NO_MATCHING_GPU:
                 raise NoMatchingGpuError(placement.reason, details=details(function=fn.name))

@@ -191,14 +191,20 @@ def live_reports(reports: Iterable[CapacityReport], now_ms: int) -> list[Capacit
 # --------------------------------------------------------------------------- runtimes
 
 
-def replica_runtime(image: ImageSpec) -> str:
-    """The runtime a release's replicas need: ``docker`` when only the builder's docker backend builds its image
-    (Debian packages, build commands, a CUDA base), else empty (the process runtime, on any agent).
+def replica_runtime(image: ImageSpec, docker: bool = True) -> str:
+    """The runtime a release's replicas need, as the builder chose its backend: ``docker`` for Debian packages or
+    build commands (only docker builds them), and for a CUDA base when the stack has docker (``docker``: the router
+    has the registry the builder pushes to); else empty (the process runtime, on any agent: without docker a CUDA
+    image is a venv on the agent's own CUDA).
 
     >>> replica_runtime(ImageSpec(commands=["echo hi > /marker"])), replica_runtime(ImageSpec(pip=["numpy"]))
     ('docker', '')
+    >>> replica_runtime(ImageSpec(base="cuda"), docker=True), replica_runtime(ImageSpec(base="cuda"), docker=False)
+    ('docker', '')
     """
-    return RUNTIME_DOCKER if needs_docker(image) else ""
+    if image.apt or image.commands:
+        return RUNTIME_DOCKER
+    return RUNTIME_DOCKER if docker and needs_docker(image) else ""
 
 
 # --------------------------------------------------------------------------- placement (see placement.py)

@@ -14,9 +14,10 @@ from typing import Protocol
 import msgspec
 from duanflow_proto import subjects
 from duanflow_proto.errors import InvalidInputError, NotFoundError, details
-from duanflow_proto.messages.build import docker_image_ref, image_artifact_key, needs_docker
+from duanflow_proto.messages.build import docker_image_ref, image_artifact_key
 from duanflow_proto.messages.release import AppSpec, AppStopReply, AppStopRequest, DeployRequest, FunctionSpec, Release
 
+from duanflow_router.domain import replica_runtime
 from duanflow_router.ports import BlobStore, ReleaseStore, ReplicaRecord
 from duanflow_router.secrets import Secrets, all_names, names_of
 
@@ -57,7 +58,7 @@ class ReplicaSetup:
         """Refuse a deploy whose secrets are missing, whose bearer-auth secret sets no such key, or whose docker
         image this router cannot name."""
         spec, env = req.spec, req.env
-        if needs_docker(spec.image):
+        if replica_runtime(spec.image, bool(self.docker_registry)):
             self._check_docker(req)
         names = all_names(spec)
         for name in names:
@@ -78,7 +79,7 @@ class ReplicaSetup:
                 )
 
     def _check_docker(self, req: DeployRequest) -> None:
-        used = "Debian packages, build commands or a CUDA base"
+        used = "Debian packages or build commands"
         if not self.docker_registry:
             raise InvalidInputError(
                 f"the image of {req.spec.name} ({used}) runs only on the docker runtime, and this router has no "
@@ -98,7 +99,7 @@ class ReplicaSetup:
         its image: the docker image when only docker builds the release's image, else the packed venv if any."""
         plain = {**release.spec.image.env, **release.spec.env, **fn.env}
         secret_env = await self.secrets.values(release.env, names_of(release.spec, fn))
-        if needs_docker(release.spec.image):
+        if replica_runtime(release.spec.image, bool(self.docker_registry)):
             if not self.docker_registry or not release.image_id:  # check() refuses such deploys; a stale release
                 raise InvalidInputError(
                     f"release {release.release_id} of {release.app} needs the docker runtime, but this router has "
