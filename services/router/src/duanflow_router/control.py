@@ -172,13 +172,17 @@ class ControlPlane:
         await self.platform.put_capacity(report)
 
     async def live_agents(self) -> list[CapacityReport]:
-        """Latest reports of the live agents: the capacity KV bucket, synced into the fleet index.
+        """Latest reports of the live agents: the capacity KV bucket and the reports this router heard on the
+        capacity subject (the fleet index), the newest per agent, synced into the index.
 
-        Agents gone from the bucket (withdrawn, or aged out by its TTL) leave the index too.
+        The index makes a listing of the bucket that misses keys harmless (nats-py's ``keys()`` was seen coming back
+        empty under load with agents beating); agents gone from both (withdrawn, left, or silent past their
+        liveness horizon) leave the index.
         """
+        stored = await self.platform.capacity_reports()
         live = [
             r
-            for r in domain.live_reports(await self.platform.capacity_reports(), self._now_ms())
+            for r in domain.live_reports([*stored, *self.fleet.reports()], self._now_ms())
             if r.ts_ms > self._left.get(r.agent_id, -1)
         ]
         present = {r.agent_id for r in live}
