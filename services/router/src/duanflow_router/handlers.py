@@ -114,6 +114,9 @@ class LeaderApi:
             return
         for route in self.api:
             self._subs.append(await self.nc.subscribe(route.subject, queue="router", cb=self._callback(route)))
+        # The server has every subscription before this router says it leads: a request sent the moment it does
+        # must find a responder.
+        await self.nc.flush()
 
     async def stop(self) -> None:
         """Unsubscribe (in-flight requests still get their answers)."""
