@@ -1,4 +1,7 @@
-"""Subscriptions whose messages are handled synchronously, inside nats-py's read loop.
+"""Hot-path shortcuts around nats-py's internal queues: subscriptions handled inside the read loop, and
+publishes written to the socket at once.
+
+Subscriptions: messages are handled synchronously, inside nats-py's read loop.
 
 nats-py hands every message of a callback subscription to a per-subscription task through an ``asyncio.Queue``:
 one queue put, one task wake-up and one coroutine call per message. On the hot paths (results coming back to a
@@ -6,6 +9,10 @@ caller, invocations reaching a replica) that hop costs as much as the rest of th
 subscriptions swap the queue for an object that calls a plain function at once. The handler must not block
 and must not raise (an exception is logged and the message dropped, never propagated into the read loop).
 When nats-py's internals differ from what this expects, it falls back to an ordinary callback subscription.
+
+Publishes: ``nc.publish`` queues the command and wakes nats-py's flusher task, which writes it on the next turn of
+the loop. :func:`publish_now` writes a message straight to the socket when nothing is queued before it (so the
+order of messages holds), saving that loop turn on the paths where one message is all that is waiting.
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ from collections.abc import Callable
 from typing import Any
 
 from nats.aio.msg import Msg
+from nats.aio.transport import TcpTransport
+from nats.protocol import command
 
 log = logging.getLogger("duanflow.inbox")
 
@@ -63,3 +72,26 @@ async def subscribe_direct(nc: Any, subject: str, handler: Callable[[Msg], None]
             log.exception("handler of %s failed; message dropped", msg.subject)
 
     return await nc.subscribe(subject, cb=cb)
+
+
+def publish_now(nc: Any, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> bool:
+    """Write one message to ``subject`` straight to the socket, if that keeps the order of messages.
+
+    Returns False, having sent nothing, when the connection is not a plain connected TCP one, or when other
+    commands are queued or unsent before it: the caller then uses ``await nc.publish(...)``. ``headers`` are
+    DuanFlow's own (ids, inboxes, trace context), written as they are.
+    """
+    transport = getattr(nc, "_transport", None)
+    if type(transport) is not TcpTransport or nc._pending_data_size or not nc.is_connected:
+        return False
+    writer = transport._io_writer
+    if writer is None or writer.transport.get_write_buffer_size():
+        return False
+    if headers:
+        hdr = "".join([f"{k}: {v}\r\n" for k, v in headers.items()])
+        writer.write(command.hpub_cmd(subject, "", f"NATS/1.0\r\n{hdr}\r\n".encode(), payload))
+    else:
+        writer.write(command.pub_cmd(subject, "", payload))
+    nc.stats["out_msgs"] += 1
+    nc.stats["out_bytes"] += len(payload)
+    return True

@@ -48,6 +48,7 @@ from nats.aio.msg import Msg
 
 from duanflow import _telemetry
 from duanflow._app import find_app
+from duanflow._inbox import publish_now
 from duanflow._payload import INLINE_MAX
 from duanflow._payload import fetch as fetch_payload
 from duanflow._payload import store as store_payload
@@ -631,7 +632,12 @@ class Worker:
                 Result(call_id=result.call_id, ok=False, error=too_large.to_reply(), replica_id=self.config.replica_id)
             )
         try:
-            await self._nc.publish(reply, data, headers=_telemetry.result_headers())
+            # A lone call's result goes straight to the socket: the caller has it a loop turn sooner (the ack
+            # follows). With other inputs running, nats-py's flusher sends results together (fewer writes).
+            headers = _telemetry.result_headers()
+            lone = self._busy <= 1 and not self._backlog
+            if not (lone and publish_now(self._nc, reply, data, headers)):
+                await self._nc.publish(reply, data, headers=headers)
         except Exception as exc:
             log.warning("could not answer %s: %s", reply, exc)
 

@@ -17,7 +17,9 @@ from duanflow_proto.messages.logs import LogLine
 from duanflow_proto.messages.release import RouteEntry
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.aio.transport import TcpTransport
 from nats.js import JetStreamContext
+from nats.protocol import command
 
 from duanflow_gateway.domain import BadGatewayError, RouteTable
 
@@ -113,7 +115,10 @@ class NatsInvoker:
         self._pending[call_id] = call
         keep = False
         try:
-            await self.nc.publish(subject, data, headers=headers)
+            # A lone request's call goes straight to the socket (a loop turn sooner); under load the flusher
+            # sends many together.
+            if not (len(self._pending) == 1 and publish_now(self.nc, subject, data, headers)):
+                await self.nc.publish(subject, data, headers=headers)
             result = await self.next(call_id)
             keep = result.stream and not result.final
             return result
@@ -325,6 +330,27 @@ async def subscribe_direct(nc: NatsClient, subject: str, handler: Callable[[Msg]
             log.exception("handler of %s failed; message dropped", msg.subject)
 
     return await nc.subscribe(subject, cb=cb)
+
+
+def publish_now(nc: NatsClient, subject: str, payload: bytes, headers: dict[str, str]) -> bool:
+    """Write one message straight to the socket when nothing is queued or unsent before it (order holds).
+
+    ``nc.publish`` queues the command for nats-py's flusher task, which writes it a loop turn later; on the request
+    path that turn is worth skipping. False (nothing sent) when the connection is not a plain connected TCP one or
+    other commands wait: use ``nc.publish`` then. ``headers`` are the gateway's own (ids, inbox, trace context).
+    (The SDK's ``duanflow._inbox.publish_now`` does the same for callers; services do not import the SDK.)
+    """
+    transport: Any = getattr(nc, "_transport", None)
+    if type(transport) is not TcpTransport or nc._pending_data_size or not nc.is_connected:
+        return False
+    writer = transport._io_writer
+    if writer is None or writer.transport.get_write_buffer_size():
+        return False
+    hdr = "".join([f"{k}: {v}\r\n" for k, v in headers.items()])
+    writer.write(command.hpub_cmd(subject, "", f"NATS/1.0\r\n{hdr}\r\n".encode(), payload))
+    nc.stats["out_msgs"] += 1
+    nc.stats["out_bytes"] += len(payload)
+    return True
 
 
 class NatsRequestLog:
