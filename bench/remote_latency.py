@@ -7,7 +7,9 @@ In one run (``make bench``, or ``python bench/remote_latency.py [--use-running]`
 2. the floor: a trivial NATS responder in a separate process, and nats-py requests to it over the stack's own
    NATS server (sequential: median and p99; ``--inflight`` at once: calls/s);
 3. deploys a trivial function with ``duanflow deploy`` and measures warm ``.remote()`` the same way (sequential
-   through the sync facade; ``--inflight`` concurrent calls through ``.remote.aio()``);
+   through the sync facade, which drives its own connection (the sync lane), then the same calls through the
+   client's background thread as ``duanflow_remote_threaded``; ``--inflight`` concurrent calls through
+   ``.remote.aio()``);
 4. the peers, measured the same way (``bench/_peers.py``): Ray (local, 2 CPUs) and Celery with a private
    ``redis-server`` as broker and backend (or ``--celery-broker``); a peer that cannot run here gets one line
    saying why it was skipped.
@@ -341,6 +343,17 @@ def bench_duanflow(fn: Any, n: int, warmup: int, total: int, inflight: int) -> N
         raise SystemExit(f"{BENCH_APP}.{BENCH_FUNCTION} returned {first!r}, expected {PAYLOAD!r}")
     note(f"DuanFlow: {n} sequential .remote() calls, then {total} .remote.aio() with {inflight} in flight")
     report_sequential("duanflow_remote", time_sequential(lambda: fn.remote(PAYLOAD), n, warmup))
+    # The same calls through the client's background thread (the path before the sync lane), for the ratio: with
+    # the lane's lock held here, sync calls find it busy and take that path.
+    from duanflow._client import get_client
+
+    lane = get_client()._lane
+    if lane is not None and lane.lock.acquire(blocking=False):
+        try:
+            note(f"DuanFlow: {n} sequential .remote() calls through the background thread")
+            report_sequential("duanflow_remote_threaded", time_sequential(lambda: fn.remote(PAYLOAD), n, warmup))
+        finally:
+            lane.lock.release()
 
     async def concurrent() -> float:
         async def call() -> object:
@@ -477,7 +490,13 @@ def main(argv: list[str] | None = None) -> int:
         bench_ray(*sizes)
         bench_celery(args.celery_broker, *sizes)
     ours = MEDIANS.get("duanflow_remote")
-    for other in ("nats_request_reply", "nats_jetstream_roundtrip", "ray_task", "celery_task"):
+    for other in (
+        "nats_request_reply",
+        "nats_jetstream_roundtrip",
+        "duanflow_remote_threaded",
+        "ray_task",
+        "celery_task",
+    ):
         if ours and MEDIANS.get(other):
             emit("duanflow_remote", f"median_ratio_to_{other}", round(ours / MEDIANS[other], 2), "x")
     return 0

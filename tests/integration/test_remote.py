@@ -10,9 +10,11 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -21,7 +23,7 @@ from typing import Any
 import duanflow as df
 import nats
 import pytest
-from duanflow import _client
+from duanflow import _client, _lane
 from duanflow._local import servers
 from duanflow_kit.streams import ensure_streams
 from duanflow_proto import codec, subjects
@@ -235,6 +237,62 @@ def test_answered_calls_leave_nothing_behind_and_are_never_published_again(deplo
     time.sleep(_client.CONFIRM_AFTER_S + 0.3)  # past the late confirmation of every call above
     assert client.run(_held, client) == (0, 0)
     assert len(client._unacked) == unacked_before  # nothing was published again asking for a PubAck
+
+
+def test_sync_calls_drive_the_lane_and_threads_share_it_safely(deployed: Deployed) -> None:
+    """A sync call runs on the lane (a connection the calling thread drives itself); a thread that finds the lane
+    busy takes the ordinary path; every call gets its own answer and nothing is left waiting."""
+    work = deployed.module.work
+    client = _client.get_client()
+    assert work.remote("echo", -1)["value"] == -1
+    assert work.remote("echo", -2)["value"] == -2
+    lane = client._lane
+    assert lane is not None and lane._nc is not None and lane._nc is not client._nc
+    sent_before = lane._nc.stats["out_msgs"]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda i: work.remote("echo", i)["value"], range(200)))
+    assert got == list(range(200))
+    assert lane._nc.stats["out_msgs"] > sent_before, "some of the calls went through the lane"
+    assert lane._waiting == {}
+    assert client.run(_held, client) == (0, 0)
+
+
+def test_a_sync_call_rides_out_its_connection_dropping_mid_call(deployed: Deployed) -> None:
+    """The lane's connection breaks while the replica runs the call: nats-py reconnects and the lane publishes
+    the call again, so the caller still gets its answer."""
+    work = deployed.module.work
+    assert work.remote("echo", 0)["value"] == 0
+    assert work.remote("echo", 1)["value"] == 1
+    lane = _client.get_client()._lane
+    assert lane is not None and lane._loop is not None
+    loop, generation = lane._loop, lane._generation
+
+    def drop() -> None:
+        time.sleep(0.3)  # the call is running on the replica by now
+        loop.call_soon_threadsafe(lambda: lane._nc._transport._io_writer.transport.abort())
+
+    dropper = threading.Thread(target=drop)
+    dropper.start()
+    try:
+        assert work.remote("sleep", 0.8) == "slept"
+    finally:
+        dropper.join()
+    assert lane._generation > generation, "the connection was dropped and came back"
+    assert work.remote("echo", 2)["value"] == 2
+
+
+def test_an_idle_lane_with_a_dead_connection_recovers_before_it_publishes(
+    deployed: Deployed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_lane, "IDLE_CHECK_S", 0.0)
+    work = deployed.module.work
+    assert work.remote("echo", 0)["value"] == 0
+    assert work.remote("echo", 1)["value"] == 1
+    lane = _client.get_client()._lane
+    assert lane is not None and lane._nc is not None
+    lane._nc._transport._io_writer.transport.abort()  # the loop is not running: it finds out at the next call
+    assert work.remote("echo", 2)["value"] == 2
+    assert work.remote("echo", 3)["value"] == 3
 
 
 async def test_remote_aio_runs_concurrently_up_to_concurrency(deployed: Deployed) -> None:

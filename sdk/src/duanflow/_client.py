@@ -2,7 +2,9 @@
 
 The connection lives on a private event loop in a background thread, so ``f.remote(...)`` works in plain
 scripts and ``await f.remote.aio(...)`` works from any event loop. Results come back on one inbox
-subscription (``_INBOX.<client>.*``) and are matched to waiting calls by the subject's last token.
+subscription (``_INBOX.<client>.*``) and are matched to waiting calls by the subject's last token. A sync
+``f.remote(...)`` runs on the sync lane instead (``duanflow._lane``): a second connection the calling thread drives
+itself, with no hand-off to the background thread.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from duanflow._errors import (
     UnavailableError,
 )
 from duanflow._inbox import subscribe_direct
+from duanflow._lane import Lane, LaneUnavailable, Refused
 from duanflow._payload import INLINE_MAX
 from duanflow._payload import fetch as fetch_payload
 from duanflow._payload import store as store_payload
@@ -95,12 +98,14 @@ class Client:
         self._ids = itertools.count(1)
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
+        """Publishes started for sync callers (kept referenced until done)."""
         self._in_flight: dict[str, tuple[Target, bytes, dict[str, str]]] = {}
         """Bodies of ``.remote()`` calls waiting for their result, to send again after a reconnect."""
         self._generation = 0
         self._stored: dict[str, asyncio.Future[None]] = {}
         """Spawned calls waiting for their PubAck."""
-        """Publishes started for sync callers (kept referenced until done)."""
+        self._lane: Lane | None = None
+        """The sync fast lane, once a sync call has used it."""
 
     # -- facade -------------------------------------------------------------------------------------------
 
@@ -145,6 +150,12 @@ class Client:
         if self._closed:
             return
         self._closed = True
+        lane = self._lane
+        if lane is not None and lane.lock.acquire(timeout=timeout):
+            try:
+                lane.close()
+            finally:
+                lane.lock.release()
         if self._nc is not None and self._loop.is_running():
             with contextlib.suppress(Exception):
                 asyncio.run_coroutine_threadsafe(self._nc.close(), self._loop).result(timeout)
@@ -481,7 +492,6 @@ class Client:
             )
             return done
         call_id = f"fc-{self._id_prefix}{next(self._ids):x}"
-        _telemetry.bind(call_id)
         body = _encode_invocation(
             Invocation(
                 call_id=call_id,
@@ -492,6 +502,31 @@ class Client:
                 method=method,
             )
         )
+        lane = self._sync_lane()
+        if lane is not None and lane.lock.acquire(blocking=False):
+            # This thread drives the lane's connection itself for the call: no hand-off to the client's thread.
+            try:
+                data = lane.call(target.subject, body, call_id, target.wait_s, target.spec.name)
+            except LaneUnavailable:
+                pass
+            except TimeoutError:
+                raise FunctionTimeoutError(
+                    f"{app}.{function} did not answer within {target.wait_s:g}s "
+                    f"(its timeout is {target.spec.timeout_s:g}s)",
+                    details={"call_id": call_id},
+                ) from None
+            except Refused as exc:
+                if exc.status == "503":
+                    self._targets.pop((target.env, target.app, target.spec.name), None)
+                    raise _not_deployed(app, function, env, f"no stream takes {target.subject}") from None
+                raise _publish_error(target, exc.data) from None
+            else:
+                if _NO_REF not in data:
+                    data = self.run(self.inline_result, data)
+                return target, data
+            finally:
+                lane.lock.release()
+        _telemetry.bind(call_id)
         waiter = _SyncWaiter()
         self._loop.call_soon_threadsafe(self._start_sync, target, body, call_id, waiter)
         try:
@@ -506,10 +541,18 @@ class Client:
                 self._loop.call_soon_threadsafe(self._forget, call_id)
         if waiter.error is not None:
             raise waiter.error
-        data: bytes = waiter.data  # type: ignore[assignment]
-        if _NO_REF not in data:
-            data = self.run(self.inline_result, data)
-        return target, data
+        answer: bytes = waiter.data  # type: ignore[assignment]
+        if _NO_REF not in answer:
+            answer = self.run(self.inline_result, answer)
+        return target, answer
+
+    def _sync_lane(self) -> Lane | None:
+        """The sync fast lane (``duanflow._lane``), made on first use; None while it cannot be used."""
+        lane = self._lane
+        if lane is None:
+            profile = self.profile
+            lane = self._lane = Lane(profile.nats_url, profile.nats_user, profile.nats_password)
+        return lane if lane.usable() else None
 
     async def inline_result(self, data: bytes) -> bytes:
         """A raw Result whose value is stored in S3 (``payload_ref``), with the value fetched back into it."""
