@@ -1,11 +1,11 @@
 """HTTP → gateway → endpoint replica → HTTP, next to the floor: a plain Litestar echo app on uvicorn.
 
 In one run (``python bench/gateway.py``): starts a real NATS server, the gateway (``python -m duanflow_gateway``)
-and one replica of an async echo endpoint (``python -m duanflow._runtime``), and, as the floor, a Litestar app with
-the same echo route on uvicorn in its own process. Each is measured the same way by a minimal keep-alive HTTP/1.1
-client (so the client's own cost stays small): a sequential run (median and p99 latency), then ``--connections``
-connections at once for ``--seconds`` (requests/s and p99). Every figure is one JSON line on stdout with the
-floor's figure and the ratio; progress goes to stderr.
+and one replica of a sync echo endpoint (``def``, as on the product page; ``python -m duanflow._runtime``), and, as
+the floor, a Litestar app with the same echo route on uvicorn in its own process. Each is measured the same way by a
+minimal keep-alive HTTP/1.1 client (so the client's own cost stays small): a sequential run (median and p99
+latency), then ``--connections`` connections at once for ``--seconds`` (requests/s and p99). Every figure is one
+JSON line on stdout with the floor's figure and the ratio; progress goes to stderr.
 
 ``nats_invocation_median`` measures, in the same run, the part no HTTP server can remove: the same invocation the
 gateway makes, published straight to JetStream by a nats-py client, run by the same replica, its result back on an
@@ -48,7 +48,7 @@ app = df.App("{APP_NAME}")
 
 
 @app.endpoint(method="POST", path="{PATH}", concurrency=256)
-async def echo(request):
+def echo(request):
     return request.json()
 '''
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 import textwrap
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ TOKEN = "sk-test-" + uuid.uuid4().hex
 APP_SOURCE = """
 import os
 import threading
+import time
 from pathlib import Path
 
 import duanflow as df
@@ -104,6 +106,15 @@ def gate(request):
 def slow(request):
     threading.Event().wait(5)
     return "late"
+
+
+@app.endpoint(method="GET", path="/{app}/where", timeout=1)
+def where(request):
+    spin = float(request.query.get("spin", "0"))
+    end = time.monotonic() + spin
+    while time.monotonic() < end:  # Python code: interruptible where it runs
+        pass
+    return threading.current_thread().name
 
 
 @app.endpoint(method="GET", path="/{app}/crash")
@@ -231,6 +242,22 @@ def test_errors_are_json_and_the_gateway_keeps_serving(http: httpx.Client, stack
     resp = http.get(f"/{a}/boom")
     assert resp.status_code == 500 and "boom" in resp.json()["error"]["message"]
     assert http.post(f"/{a}/strict", json={"still": "serving"}).json() == {"still": "serving"}
+
+
+def test_a_fast_sync_handler_runs_on_the_loop_thread_and_an_overrun_there_is_a_504(
+    http: httpx.Client, stack: Stack
+) -> None:
+    a = app_of(stack)
+    threads = [http.get(f"/{a}/where").text for _ in range(6)]
+    assert threads[0] != "MainThread", "the first calls run in the pool, until they prove fast"
+    assert threads[-1] == "MainThread", threads
+    started = time.monotonic()
+    resp = http.get(f"/{a}/where", params={"spin": "5"})
+    assert resp.status_code == 504 and error_code(resp) in ("timeout", "function_timeout")
+    assert time.monotonic() - started < 4, "interrupted at its 1 s timeout, not run to the end"
+    # One slow call sends the handler back to the pool; the replica keeps serving.
+    resp = http.get(f"/{a}/where")
+    assert resp.status_code == 200 and resp.text != "MainThread"
 
 
 def test_burst_limit_gives_429_with_retry_after(http: httpx.Client, stack: Stack, tmp_path: Path) -> None:

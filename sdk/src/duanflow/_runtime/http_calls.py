@@ -156,11 +156,23 @@ class HttpCall:
         return max(0.0, self.deadline - time.monotonic())
 
     async def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        fn = self.worker.target.raw_f
-        if self.worker.is_async:
+        worker = self.worker
+        fn = worker.target.raw_f
+        if worker.is_async:
             async with asyncio.timeout(self._remaining()):  # no task per call, as wait_for would make
                 return await fn(*args, **kwargs)
-        return await self._in_thread(lambda: fn(*args, **kwargs))
+        # A fast sync handler runs on the loop thread, as fast sync functions do; but not while another input here
+        # has run long enough to heartbeat: blocking the loop would silence it, and the gateway would take a
+        # replica that goes quiet mid-request for crashed (502).
+        return await worker.call_sync(
+            self.inv.method,
+            fn,
+            args,
+            kwargs,
+            self._remaining(),
+            worker._stuck_reporter(self.inv, self.reply),
+            inline_ok=worker.oldest_running_s() < HEARTBEAT_S,
+        )
 
     async def _in_thread(self, work: Callable[[], Any]) -> Any:
         loop = asyncio.get_running_loop()

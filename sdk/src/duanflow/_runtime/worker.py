@@ -458,6 +458,59 @@ class Worker:
             raise InvalidInputError(f"call {inv.call_id}: arguments must be (args, kwargs)")
         return tuple(args), kwargs
 
+    async def call_sync(
+        self,
+        key: str,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        limit_s: float,
+        on_stuck: Callable[[], None],
+        *,
+        inline_ok: bool = True,
+    ) -> Any:
+        """``fn(*args, **kwargs)`` of a sync callable: on the loop thread while its recent calls were fast (the
+        gate of ``key``, and ``inline_ok``), else in the thread pool. Raises TimeoutError past ``limit_s``.
+
+        A pooled call that times out or is cancelled cannot be stopped: its thread runs on, detached, and new inputs
+        get a fresh pool.
+        """
+        gate = self._gates.get(key)
+        if gate is None:
+            gate = self._gates[key] = Gate()
+        t0 = time.monotonic()
+        if gate.inline and inline_ok:
+            try:
+                value = self._watchdog.call(fn, args, kwargs, limit_s, on_stuck)
+            except InlineTimeout:
+                gate.record(limit_s)
+                raise TimeoutError from None
+            except BaseException:
+                gate.record(time.monotonic() - t0)
+                raise
+            gate.record(time.monotonic() - t0)
+            return value
+        loop = asyncio.get_running_loop()
+        try:
+            value = await asyncio.wait_for(loop.run_in_executor(self._executor, _call, fn, args, kwargs), limit_s)
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            gate.record(time.monotonic() - t0)
+            if isinstance(exc, TimeoutError):
+                log.warning("a call of %s timed out; its thread runs on, detached", self.config.function)
+            self._replace_executor()
+            raise
+        except BaseException:
+            gate.record(time.monotonic() - t0)
+            raise
+        gate.record(time.monotonic() - t0)
+        return value
+
+    def oldest_running_s(self) -> float:
+        """How long the longest-running input on this replica has been running (0 when none)."""
+        for _, started in self._running.values():  # insertion order: the first is the oldest
+            return time.monotonic() - started
+        return 0.0
+
     async def _execute(
         self, inv: Invocation, args: tuple[Any, ...], kwargs: dict[str, Any], started: float, reply: str = ""
     ) -> Result:
@@ -466,7 +519,6 @@ class Worker:
         except DuanFlowError as exc:
             return self._error(inv, exc.to_reply(), started)
         timeout = self.config.timeout_s
-        ran_inline = False
         if is_gen:
             try:
                 gen = fn(*args, **kwargs)
@@ -477,44 +529,12 @@ class Worker:
             if is_async:
                 value = await asyncio.wait_for(fn(*args, **kwargs), timeout)
             else:
-                loop = asyncio.get_running_loop()
-                gate = self._gates.get(inv.method)
-                if gate is None:
-                    gate = self._gates[inv.method] = Gate()
-                t0 = time.monotonic()
-                ran_inline = gate.inline
-                if ran_inline:
-                    try:
-                        value = self._watchdog.call(fn, args, kwargs, timeout, self._stuck_reporter(inv, reply))
-                    except InlineTimeout:
-                        gate.record(timeout)
-                        raise TimeoutError from None
-                    except BaseException:
-                        gate.record(time.monotonic() - t0)
-                        raise
-                else:
-                    try:
-                        value = await asyncio.wait_for(
-                            loop.run_in_executor(self._executor, _call, fn, args, kwargs), timeout
-                        )
-                    except BaseException:
-                        gate.record(time.monotonic() - t0)
-                        raise
-                gate.record(time.monotonic() - t0)
-        except asyncio.CancelledError:
-            if not is_async and not ran_inline:
-                # Cancelled while a thread runs it: the thread cannot be stopped; new inputs get a fresh pool.
-                self._replace_executor()
-            raise
+                value = await self.call_sync(inv.method, fn, args, kwargs, timeout, self._stuck_reporter(inv, reply))
         except TimeoutError:
             err = FunctionTimeoutError(
                 f"{self.config.function} ran past its timeout of {timeout:g}s",
                 details={"call_id": inv.call_id, "timeout_s": f"{timeout:g}"},
             )
-            if not is_async and not ran_inline:
-                # A thread cannot be stopped: leave it to finish on the old pool, give new inputs a fresh one.
-                log.warning("call %s timed out; its thread runs on, detached", inv.call_id)
-                self._replace_executor()
             return self._error(inv, err.to_reply(), started)
         except Exception as exc:
             return self._error(inv, remote_error(exc), started)
