@@ -31,7 +31,7 @@ from duanflow_proto.messages.common import ErrorReply
 from duanflow_proto.messages.invocation import HDR_REPLY, Result
 from duanflow_proto.messages.release import FunctionLookup
 from fixtures.replicas import new_replica_id, replica_env, spawn_ready
-from fixtures.waiting import eventually
+from fixtures.waiting import eventually, eventually_sync
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 pytestmark = pytest.mark.timeout(90)
@@ -315,6 +315,21 @@ def test_spawn_then_get_here_and_from_another_handle(deployed: Deployed) -> None
     assert call.get(timeout=30) == {"value": 7, "pid_is_remote": True}
     # Another handle on the same call (as another process would have) reads the results bucket.
     assert df.FunctionCall.from_id(call.object_id).get(timeout=30) == {"value": 7, "pid_is_remote": True}
+
+
+def test_a_spawned_result_nobody_fetches_is_forgotten_and_get_still_finds_it(
+    deployed: Deployed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_client, "SPAWNED_KEEP_S", 0.2)
+    client = _client.get_client()
+    call = deployed.module.work.spawn("echo", 8)
+
+    async def held() -> bool:
+        return call.object_id in client._pending
+
+    assert client.run(held)
+    eventually_sync(lambda: not client.run(held), timeout=10)
+    assert call.get(timeout=30) == {"value": 8, "pid_is_remote": True}
 
 
 def test_user_exception_is_reraised_as_its_own_type_with_the_remote_traceback(deployed: Deployed) -> None:

@@ -63,6 +63,8 @@ CONNECT_TIMEOUT_S: Final = 10.0
 CONTROL_TIMEOUT_S: Final = 30.0
 LOOKUP_TIMEOUT_S: Final = 10.0
 CONFIRM_AFTER_S: Final = 1.0
+SPAWNED_KEEP_S: Final = 300.0
+"""How long a spawned call's result stays in memory for ``get()`` after it came (the results bucket keeps it a day)."""
 """A call without its result after this long has its publish confirmed (see :meth:`Client.send`)."""
 HDR_MSG_ID: Final = "Nats-Msg-Id"
 """JetStream's de-duplication header."""
@@ -648,7 +650,15 @@ class Client:
             raise UnavailableError(
                 f"JetStream did not acknowledge the invocation of {target.spec.name} within {PUBLISH_TIMEOUT_S:g}s"
             )
+        # Kept here for a quick get(); forgotten a while after it came (or could have come), so a process that
+        # spawns without fetching does not grow. get() then reads the results bucket.
+        self._loop.call_later(target.wait_s + SPAWNED_KEEP_S, self._forget_spawned, call_id, future)
+        future.add_done_callback(lambda f: self._loop.call_later(SPAWNED_KEEP_S, self._forget_spawned, call_id, f))
         return target, call_id
+
+    def _forget_spawned(self, call_id: str, future: asyncio.Future[bytes]) -> None:
+        if self._pending.get(call_id) is future:
+            del self._pending[call_id]
 
     async def _bucket(self, name: str) -> Any:
         if self._js is None:
