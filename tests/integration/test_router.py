@@ -492,6 +492,39 @@ async def test_agent_refusal_reaches_the_deployer(router: Settings, nc_service: 
         await call(nc_service, subjects.API_FUNCTION_LOOKUP, FunctionLookup(app=unique, function="hello"), FunctionRef)
 
 
+async def test_a_dead_agent_left_in_the_bucket_is_dropped_and_the_replica_placed_elsewhere(
+    router: Settings, nc_service: Any, unique: str
+) -> None:
+    """An agent that died without its leaving report (kill -9, a lost host) keeps its capacity entry until its
+    liveness horizon passes. A placement that picks it finds nothing answering: the router drops the agent at once
+    and places the replica on another, instead of failing the deploy."""
+    key, digest = await upload_bundle(nc_service, b"orphaned " + unique.encode())
+    kv = await nc_service.jetstream().key_value(subjects.KV_CAPACITY)
+
+    async def gone(agent_id: str) -> bool:
+        try:
+            return (await kv.get(subjects.token(agent_id))).value is None
+        except Exception:
+            return True
+
+    async with (
+        StandInAgent(nc_service, f"ag-live{unique}", [h100(0), h100(1)]) as live,
+        StandInAgent(nc_service, f"ag-dead{unique}", [h100(0)]) as dead,  # the best fit: one GPU, all free
+    ):
+        for sub in dead.subs:
+            await sub.unsubscribe()
+        dead.subs.clear()
+        reply: DeployReply = await call(
+            nc_service,
+            subjects.API_DEPLOY,
+            DeployRequest(spec=app_spec(unique), bundle_key=key, bundle_digest=digest),
+            DeployReply,
+        )
+        assert len(reply.replicas) == 1 and [c.replica_id for c in live.starts] == reply.replicas
+        assert await gone(dead.agent_id), "the dead agent is out of the capacity bucket"
+        assert not await gone(live.agent_id)
+
+
 async def test_deploy_refuses_a_bundle_that_was_not_uploaded(router: Settings, nc_service: Any, unique: str) -> None:
     digest = hashlib.sha256(unique.encode()).hexdigest()
     with pytest.raises(InvalidInputError, match="not uploaded"):

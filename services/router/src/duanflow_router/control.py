@@ -53,7 +53,7 @@ from duanflow_proto.messages.scheduler import CandidateVerdict, SchedulerDecisio
 from duanflow_router import domain
 from duanflow_router.fleet import FleetIndex
 from duanflow_router.placement import PriceBook, norm_type, request_of
-from duanflow_router.ports import AgentClient, BlobStore, Platform, ReleaseStore, ReplicaRecord
+from duanflow_router.ports import AgentClient, AgentGoneError, BlobStore, Platform, ReleaseStore, ReplicaRecord
 from duanflow_router.replica_setup import ReplicaExtras, ReplicaSetup
 
 log = logging.getLogger("duanflow.router")
@@ -74,6 +74,8 @@ BRUTE_FORCE_MAX_AGENTS = 256
 """Up to this many live agents a decision judges every agent (the event lists each); beyond, the index decides."""
 MAX_PRICE_PER_GPU_HOUR = 10_000.0
 MAX_LEFT_AGENTS = 10_000
+GONE_AGENT_RETRIES = 3
+"""Agents found dead while placing one replica before the next such failure goes to the caller."""
 """Agents remembered as having left (their late reports are ignored); the oldest are forgotten first."""
 WARNING_OUTCOMES = (domain.OUTCOME_NO_CAPACITY, domain.OUTCOME_NO_MATCHING_GPU, domain.OUTCOME_NO_RUNTIME)
 """Decisions logged as warnings (placements and scaling decisions are info)."""
@@ -161,15 +163,19 @@ class ControlPlane:
                 return
             del self._left[report.agent_id]  # restarted under the same id
         if report.leaving:
-            self._left[report.agent_id] = report.ts_ms
-            while len(self._left) > MAX_LEFT_AGENTS:
-                del self._left[next(iter(self._left))]
-            self.fleet.remove(report.agent_id)
-            await self.platform.delete_capacity(report.agent_id)
+            await self._drop_agent(report.agent_id, report.ts_ms)
             log.info("agent %s is leaving: out of the fleet", report.agent_id)
             return
         self.fleet.observe(report)
         await self.platform.put_capacity(report)
+
+    async def _drop_agent(self, agent_id: str, as_of_ms: int) -> None:
+        """Take an agent out of the fleet and the capacity bucket; its reports up to ``as_of_ms`` are ignored."""
+        self._left[agent_id] = as_of_ms
+        while len(self._left) > MAX_LEFT_AGENTS:
+            del self._left[next(iter(self._left))]
+        self.fleet.remove(agent_id)
+        await self.platform.delete_capacity(agent_id)
 
     async def live_agents(self) -> list[CapacityReport]:
         """Latest reports of the live agents: the capacity KV bucket and the reports this router heard on the
@@ -620,7 +626,33 @@ class ControlPlane:
         job_id: str = "",
         on_reserved: Callable[[ReplicaRecord], None] | None = None,
     ) -> tuple[ReplicaRecord, str]:
-        """Place and start one replica; ``on_reserved`` sees its record once its GPUs are reserved, before it starts."""
+        """Place and start one replica; ``on_reserved`` sees its record once its GPUs are reserved, before it starts.
+
+        An agent that nothing answers for (it died; its capacity entry outlived it, as one stored by a router that
+        has stopped since does for up to its liveness horizon) is dropped from the fleet at once, and the replica
+        placed again on the others.
+        """
+        for _ in range(GONE_AGENT_RETRIES):
+            try:
+                return await self._place_and_start(
+                    release, fn, bundle_url, wait_s, job_id=job_id, on_reserved=on_reserved
+                )
+            except AgentGoneError as exc:
+                gone = exc.details.get("agent", "")
+                log.warning("%s: placing the replica again without it", exc.message)
+                await self._drop_agent(gone, self._now_ms())
+        return await self._place_and_start(release, fn, bundle_url, wait_s, job_id=job_id, on_reserved=on_reserved)
+
+    async def _place_and_start(
+        self,
+        release: Release,
+        fn: FunctionSpec,
+        bundle_url: str,
+        wait_s: float,
+        *,
+        job_id: str,
+        on_reserved: Callable[[ReplicaRecord], None] | None,
+    ) -> tuple[ReplicaRecord, str]:
         env, app = release.env, release.app
         extras: ReplicaExtras | None = None
         fetched = self.setup is None

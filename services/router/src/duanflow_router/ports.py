@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from duanflow_proto.errors import UnavailableError
 from duanflow_proto.messages.agent import CapacityReport, StartReplica, StartReplicaReply, StopReplica
 from duanflow_proto.messages.logs import LogLine
 from duanflow_proto.messages.price import PriceUpdate
@@ -83,11 +84,16 @@ class BlobStore(Protocol):
         """A URL agents can GET ``key`` from."""
 
 
+class AgentGoneError(UnavailableError):
+    """Nothing answers on an agent's command subject: the agent is not running (its ``details["agent"]``)."""
+
+
 class AgentClient(Protocol):
     """Commands to agents."""
 
     async def start_replica(self, agent_id: str, command: StartReplica, timeout_s: float) -> StartReplicaReply:
-        """Start one replica and wait until it is ready to pull (raises a DuanFlowError otherwise)."""
+        """Start one replica and wait until it is ready to pull (raises a DuanFlowError otherwise; AgentGoneError when
+        no agent listens on its command subject)."""
 
     async def stop_replica(self, agent_id: str, command: StopReplica) -> None:
         """Drain and stop one replica."""

@@ -26,7 +26,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysEr
 from nats.js.errors import NotFoundError as JsNotFoundError
 
 from duanflow_router.domain import function_consumer, route_key
-from duanflow_router.ports import ConsumerLoad
+from duanflow_router.ports import AgentGoneError, ConsumerLoad
 
 log = logging.getLogger("duanflow.router.nats")
 
@@ -97,7 +97,9 @@ class NatsAgentClient:
             # the current trace (a deploy's, an autoscaler's pass) continues on the agent: its cold start span
             msg = await self.nc.request(subject, payload, timeout=timeout_s, headers=telemetry.inject({}) or None)
         except NoRespondersError:
-            raise UnavailableError(f"agent {agent_id} is not answering commands (is it running?)") from None
+            raise AgentGoneError(
+                f"agent {agent_id} is not answering commands (is it running?)", details={"agent": agent_id}
+            ) from None
         except NatsTimeoutError:
             raise DeadlineExceededError(f"agent {agent_id} did not answer {verb} within {timeout_s:.0f}s") from None
         return msg.data
