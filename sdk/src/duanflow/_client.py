@@ -63,9 +63,9 @@ CONNECT_TIMEOUT_S: Final = 10.0
 CONTROL_TIMEOUT_S: Final = 30.0
 LOOKUP_TIMEOUT_S: Final = 10.0
 CONFIRM_AFTER_S: Final = 1.0
+"""A call without its result after this long has its publish confirmed (see :meth:`Client.send`)."""
 SPAWNED_KEEP_S: Final = 300.0
 """How long a spawned call's result stays in memory for ``get()`` after it came (the results bucket keeps it a day)."""
-"""A call without its result after this long has its publish confirmed (see :meth:`Client.send`)."""
 HDR_MSG_ID: Final = "Nats-Msg-Id"
 """JetStream's de-duplication header."""
 JS_ERR_MESSAGE_TOO_LARGE: Final = 10054
