@@ -74,9 +74,9 @@ BRUTE_FORCE_MAX_AGENTS = 256
 """Up to this many live agents a decision judges every agent (the event lists each); beyond, the index decides."""
 MAX_PRICE_PER_GPU_HOUR = 10_000.0
 MAX_LEFT_AGENTS = 10_000
+"""Agents remembered as having left (their late reports are ignored); the oldest are forgotten first."""
 GONE_AGENT_RETRIES = 3
 """Agents found dead while placing one replica before the next such failure goes to the caller."""
-"""Agents remembered as having left (their late reports are ignored); the oldest are forgotten first."""
 WARNING_OUTCOMES = (domain.OUTCOME_NO_CAPACITY, domain.OUTCOME_NO_MATCHING_GPU, domain.OUTCOME_NO_RUNTIME)
 """Decisions logged as warnings (placements and scaling decisions are info)."""
 NO_AGENT = (
