@@ -219,17 +219,22 @@ async def test_queue_depth_replicas_and_gpu_utilisation_are_scrapeable(
                 f'subject="{subjects.queue("main", queue)}",kind="queue"'
             )
 
+            # per queue subject, with or without a consumer (what len(queue) says)
+            per_subject = {
+                f'duanflow_queue_messages{{subject="{subjects.queue("main", queue)}"}}': 2,
+                f'duanflow_queue_messages{{subject="{subjects.queue("main", lone)}"}}': 1,
+            }
+
             async def scraped() -> dict[str, float] | None:
+                # A scrape can fall between the router's consumer reads and its per-subject read: wait for both.
                 got = await mr_scrape(port)
                 ready = got.get(f"duanflow_queue_pending{{{fn_labels}}}") == 3
-                return got if ready and got.get(f"duanflow_queue_pending{{{q_labels}}}") == 2 else None
+                ready = ready and got.get(f"duanflow_queue_pending{{{q_labels}}}") == 2
+                return got if ready and all(got.get(k) == v for k, v in per_subject.items()) else None
 
             series = await eventually(scraped, timeout=20)
             assert series[f"duanflow_queue_ack_pending{{{fn_labels}}}"] == 0
             assert series[f"duanflow_queue_delivered_total{{{q_labels}}}"] == 0
-            # per queue subject, with or without a consumer (what len(queue) says)
-            assert series[f'duanflow_queue_messages{{subject="{subjects.queue("main", queue)}"}}'] == 2
-            assert series[f'duanflow_queue_messages{{subject="{subjects.queue("main", lone)}"}}'] == 1
             # the replicas the router placed: the deploy's, and any the autoscaler added for the backlog
             running = f'duanflow_replicas{{env="main",app="{unique}",function="hello",state="running"}}'
             assert series[running] == len(starts) >= 1
