@@ -234,7 +234,7 @@ def test_answered_calls_leave_nothing_behind_and_are_never_published_again(deplo
     assert [r["value"] for r in asyncio.run(aio_calls())] == list(range(20))
     assert client.run(_held, client) == (0, 0)
     unacked_before = len(client._unacked)
-    time.sleep(_client.CONFIRM_AFTER_S + 0.3)  # past the late confirmation of every call above
+    time.sleep(_lane.CONFIRM_AFTER_S + 0.3)  # past the late confirmation of every call above
     assert client.run(_held, client) == (0, 0)
     assert len(client._unacked) == unacked_before  # nothing was published again asking for a PubAck
 

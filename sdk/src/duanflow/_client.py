@@ -48,7 +48,7 @@ from duanflow._errors import (
     UnavailableError,
 )
 from duanflow._inbox import subscribe_direct
-from duanflow._lane import Lane, LaneUnavailable, Refused
+from duanflow._lane import CONFIRM_AFTER_S, HDR_MSG_ID, PUBLISH_TIMEOUT_S, Lane, LaneUnavailable, Refused
 from duanflow._payload import INLINE_MAX
 from duanflow._payload import fetch as fetch_payload
 from duanflow._payload import store as store_payload
@@ -58,16 +58,11 @@ T = TypeVar("T")
 PYTHON: Final = f"{sys.version_info.major}.{sys.version_info.minor}"
 RESULT_MARGIN_S: Final = 30.0
 """How long past the function's timeout a caller keeps waiting (the replica enforces the timeout itself)."""
-PUBLISH_TIMEOUT_S: Final = 10.0
 CONNECT_TIMEOUT_S: Final = 10.0
 CONTROL_TIMEOUT_S: Final = 30.0
 LOOKUP_TIMEOUT_S: Final = 10.0
-CONFIRM_AFTER_S: Final = 1.0
-"""A call without its result after this long has its publish confirmed (see :meth:`Client.send`)."""
 SPAWNED_KEEP_S: Final = 300.0
 """How long a spawned call's result stays in memory for ``get()`` after it came (the results bucket keeps it a day)."""
-HDR_MSG_ID: Final = "Nats-Msg-Id"
-"""JetStream's de-duplication header."""
 JS_ERR_MESSAGE_TOO_LARGE: Final = 10054
 """JetStream's error code for a message over the stream's ``max_msg_size``."""
 
@@ -467,11 +462,7 @@ class Client:
         try:
             return target, await self.inline_result(await asyncio.wait_for(future, target.wait_s))
         except TimeoutError:
-            raise FunctionTimeoutError(
-                f"{app}.{function} did not answer within {target.wait_s:g}s "
-                f"(its timeout is {target.spec.timeout_s:g}s)",
-                details={"call_id": call_id},
-            ) from None
+            raise _timed_out(app, function, target, call_id) from None
         finally:
             self._forget(call_id)
 
@@ -512,11 +503,7 @@ class Client:
             except LaneUnavailable:
                 pass
             except TimeoutError:
-                raise FunctionTimeoutError(
-                    f"{app}.{function} did not answer within {target.wait_s:g}s "
-                    f"(its timeout is {target.spec.timeout_s:g}s)",
-                    details={"call_id": call_id},
-                ) from None
+                raise _timed_out(app, function, target, call_id) from None
             except Refused as exc:
                 if exc.status == "503":
                     self._targets.pop((target.env, target.app, target.spec.name), None)
@@ -533,11 +520,7 @@ class Client:
         self._loop.call_soon_threadsafe(self._start_sync, target, body, call_id, waiter)
         try:
             if not waiter.lock.acquire(timeout=target.wait_s):
-                raise FunctionTimeoutError(
-                    f"{app}.{function} did not answer within {target.wait_s:g}s "
-                    f"(its timeout is {target.spec.timeout_s:g}s)",
-                    details={"call_id": call_id},
-                )
+                raise _timed_out(app, function, target, call_id)
         finally:
             if waiter.data is None:
                 self._loop.call_soon_threadsafe(self._forget, call_id)
@@ -597,11 +580,7 @@ class Client:
         try:
             data = await asyncio.wait_for(waiter.future, target.wait_s)
         except TimeoutError:
-            raise FunctionTimeoutError(
-                f"{app}.{function} did not answer within {target.wait_s:g}s "
-                f"(its timeout is {target.spec.timeout_s:g}s)",
-                details={"call_id": call_id},
-            ) from None
+            raise _timed_out(app, function, target, call_id) from None
         finally:
             if not waiter.future.done() or waiter.future.cancelled():  # an answer already forgot it (_on_result)
                 self._loop.call_soon_threadsafe(self._forget, call_id)
@@ -829,6 +808,13 @@ def _publish_error(target: Target, data: bytes) -> Exception:
             "pass a storage key instead of the data"
         )
     return UnavailableError(f"the invocation of {target.spec.name} was refused: {description}")
+
+
+def _timed_out(app: str, function: str, target: Target, call_id: str) -> FunctionTimeoutError:
+    return FunctionTimeoutError(
+        f"{app}.{function} did not answer within {target.wait_s:g}s (its timeout is {target.spec.timeout_s:g}s)",
+        details={"call_id": call_id},
+    )
 
 
 def _not_deployed(app: str, function: str, env: str, why: str) -> NotFoundError:

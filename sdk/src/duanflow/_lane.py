@@ -40,9 +40,9 @@ from duanflow._inbox import publish_now, subscribe_direct
 log = logging.getLogger("duanflow.lane")
 
 CONFIRM_AFTER_S: Final = 1.0
-"""A call without its result after this long has its publish confirmed."""
+"""A call without its result after this long has its publish confirmed (the lane's and ``Client.send``'s)."""
 PUBLISH_TIMEOUT_S: Final = 10.0
-"""How long the confirming publish waits for its PubAck."""
+"""How long a publish waits for its PubAck (the lane's confirming one, and the client's)."""
 IDLE_CHECK_S: Final = 20.0
 """A lane unused this long pings the server before it publishes."""
 PING_TIMEOUT_S: Final = 2.0
@@ -50,6 +50,7 @@ CONNECT_TIMEOUT_S: Final = 5.0
 RETRY_AFTER_S: Final = 30.0
 """After a lane could not connect, sync calls take the ordinary path this long before it is tried again."""
 HDR_MSG_ID: Final = "Nats-Msg-Id"
+"""JetStream's de-duplication header."""
 ACK_SUFFIX: Final = ".ack"
 
 
