@@ -30,6 +30,8 @@ from duanflow_router.settings import Settings
 
 log = logging.getLogger("duanflow.router")
 
+POOL_CLOSE_TIMEOUT_S = 10.0
+"""How long shutdown waits for Postgres connections to come back before it closes them anyway."""
 
 GC_THRESHOLDS = (50_000, 20, 100)
 
@@ -207,7 +209,13 @@ class RouterApp:
                     with contextlib.suppress(Exception):
                         await sub.unsubscribe()
         finally:
-            await pool.close()
+            try:
+                # Graceful close waits for every connection to come back, with no limit of its own: a task that
+                # still holds one (cancelled but not yet unwound) must not keep the router from stopping.
+                await asyncio.wait_for(pool.close(), POOL_CLOSE_TIMEOUT_S)
+            except TimeoutError:
+                log.warning("Postgres connections still in use %gs into shutdown: closing them", POOL_CLOSE_TIMEOUT_S)
+                pool.terminate()
 
     async def run(self) -> None:
         """Run until SIGTERM/SIGINT."""
