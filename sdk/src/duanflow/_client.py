@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, replace
 from typing import Any, Final, Protocol, TypeVar
 from urllib.parse import urlsplit
@@ -504,10 +504,13 @@ class Client:
         if lane is not None and lane.lock.acquire(blocking=False):
             # This thread drives the lane's connection itself for the call: no hand-off to the client's thread.
             try:
-                with self._lane_errors(app, function, env, target, call_id):
-                    data = lane.call(target.subject, body, call_id, target.wait_s, target.spec.name)
+                data = lane.call(target.subject, body, call_id, target.wait_s, target.spec.name)
             except LaneUnavailable:
                 pass
+            except TimeoutError:
+                raise _timed_out(app, function, target, call_id) from None
+            except Refused as exc:
+                raise self._refused(app, function, env, target, exc) from None
             else:
                 if _NO_REF not in data:
                     data = self.run(self.inline_result, data)
@@ -530,19 +533,12 @@ class Client:
             answer = self.run(self.inline_result, answer)
         return target, answer
 
-    @contextlib.contextmanager
-    def _lane_errors(self, app: str, function: str, env: str, target: Target, call_id: str) -> Iterator[None]:
-        """A lane call's failures as the SDK's errors: its wait ran out, or JetStream refused its publish (no stream
-        takes the subject: not deployed)."""
-        try:
-            yield
-        except TimeoutError:
-            raise _timed_out(app, function, target, call_id) from None
-        except Refused as exc:
-            if exc.status == "503":
-                self._targets.pop((target.env, target.app, target.spec.name), None)
-                raise _not_deployed(app, function, env, f"no stream takes {target.subject}") from None
-            raise _publish_error(target, exc.data) from None
+    def _refused(self, app: str, function: str, env: str, target: Target, exc: Refused) -> Exception:
+        """The error a lane call's refused publish stands for (no stream takes the subject: not deployed)."""
+        if exc.status == "503":
+            self._targets.pop((target.env, target.app, target.spec.name), None)
+            return _not_deployed(app, function, env, f"no stream takes {target.subject}")
+        return _publish_error(target, exc.data)
 
     def _async_lane(self, loop: asyncio.AbstractEventLoop) -> Lane | None:
         """The async lane of ``loop`` (``duanflow._lane``), made on its first call; None while it cannot be used."""
@@ -601,10 +597,13 @@ class Client:
         if lane is not None:
             # A connection on the caller's own loop: no hand-off to the client's thread and back.
             try:
-                with self._lane_errors(app, function, env, target, call_id):
-                    answer = await lane.call_async(target.subject, body, call_id, target.wait_s, target.spec.name)
+                answer = await lane.call_async(target.subject, body, call_id, target.wait_s, target.spec.name)
             except LaneUnavailable:
                 pass
+            except TimeoutError:
+                raise _timed_out(app, function, target, call_id) from None
+            except Refused as exc:
+                raise self._refused(app, function, env, target, exc) from None
             else:
                 if _NO_REF not in answer:
                     answer = await self.run_async(self.inline_result, answer)
