@@ -257,26 +257,6 @@ def test_sync_calls_drive_the_lane_and_threads_share_it_safely(deployed: Deploye
     assert client.run(_held, client) == (0, 0)
 
 
-def test_aio_calls_use_their_loops_lane_at_once_and_it_closes_with_the_loop(deployed: Deployed) -> None:
-    """``.remote.aio()`` from a loop other than the client's runs on a connection of that loop (no thread hops);
-    many calls share it at once, and ``asyncio.run`` ending closes it."""
-    work = deployed.module.work
-    client = _client.get_client()
-    assert work.remote("echo", 0)["value"] == 0  # resolves the function
-
-    async def calls() -> tuple[list[Any], Any]:
-        got = await asyncio.gather(*(work.remote.aio("echo", i) for i in range(50)))
-        lane = client._async_lanes.get(asyncio.get_running_loop())
-        assert lane is not None and lane._nc is not None and lane._nc.is_connected
-        assert lane._waiting == {}
-        return [r["value"] for r in got], lane
-
-    values, lane = asyncio.run(calls())
-    assert values == list(range(50))
-    assert lane._nc is None, "the loop's shutdown closed the lane's connection"
-    assert client.run(_held, client) == (0, 0), "none of the calls went through the client's thread"
-
-
 def test_a_sync_call_rides_out_its_connection_dropping_mid_call(deployed: Deployed) -> None:
     """The lane's connection breaks while the replica runs the call: nats-py reconnects and the lane publishes
     the call again, so the caller still gets its answer."""

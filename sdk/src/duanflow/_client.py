@@ -4,8 +4,7 @@ The connection lives on a private event loop in a background thread, so ``f.remo
 scripts and ``await f.remote.aio(...)`` works from any event loop. Results come back on one inbox
 subscription (``_INBOX.<client>.*``) and are matched to waiting calls by the subject's last token. A sync
 ``f.remote(...)`` runs on the sync lane instead (``duanflow._lane``): a second connection the calling thread drives
-itself, with no hand-off to the background thread; ``await f.remote.aio(...)`` on a connection of the caller's own
-loop (an async lane), for the same reason.
+itself, with no hand-off to the background thread.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ import secrets
 import sys
 import threading
 import time
-import weakref
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, replace
 from typing import Any, Final, Protocol, TypeVar
@@ -105,9 +103,6 @@ class Client:
         """Spawned calls waiting for their PubAck."""
         self._lane: Lane | None = None
         """The sync fast lane, once a sync call has used it."""
-        self._async_lanes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Lane] = weakref.WeakKeyDictionary()
-        """An async lane per event loop that has made a ``.remote.aio()`` call (gone with the loop)."""
-        self._lanes_lock = threading.Lock()
 
     # -- facade -------------------------------------------------------------------------------------------
 
@@ -510,7 +505,10 @@ class Client:
             except TimeoutError:
                 raise _timed_out(app, function, target, call_id) from None
             except Refused as exc:
-                raise self._refused(app, function, env, target, exc) from None
+                if exc.status == "503":
+                    self._targets.pop((target.env, target.app, target.spec.name), None)
+                    raise _not_deployed(app, function, env, f"no stream takes {target.subject}") from None
+                raise _publish_error(target, exc.data) from None
             else:
                 if _NO_REF not in data:
                     data = self.run(self.inline_result, data)
@@ -532,23 +530,6 @@ class Client:
         if _NO_REF not in answer:
             answer = self.run(self.inline_result, answer)
         return target, answer
-
-    def _refused(self, app: str, function: str, env: str, target: Target, exc: Refused) -> Exception:
-        """The error a lane call's refused publish stands for (no stream takes the subject: not deployed)."""
-        if exc.status == "503":
-            self._targets.pop((target.env, target.app, target.spec.name), None)
-            return _not_deployed(app, function, env, f"no stream takes {target.subject}")
-        return _publish_error(target, exc.data)
-
-    def _async_lane(self, loop: asyncio.AbstractEventLoop) -> Lane | None:
-        """The async lane of ``loop`` (``duanflow._lane``), made on its first call; None while it cannot be used."""
-        with self._lanes_lock:
-            lane = self._async_lanes.get(loop)
-            if lane is None:
-                profile = self.profile
-                lane = Lane(profile.nats_url, profile.nats_user, profile.nats_password, owned=False)
-                self._async_lanes[loop] = lane
-        return lane if lane.usable() else None
 
     def _sync_lane(self) -> Lane | None:
         """The sync fast lane (``duanflow._lane``), made on first use; None while it cannot be used."""
@@ -583,6 +564,7 @@ class Client:
                 _telemetry.within, _telemetry.current_headers(), self.call, app, function, env, local, payload, method
             )
         call_id = f"fc-{self._id_prefix}{next(self._ids):x}"
+        _telemetry.bind(call_id)
         body = _encode_invocation(
             Invocation(
                 call_id=call_id,
@@ -593,22 +575,6 @@ class Client:
                 method=method,
             )
         )
-        lane = self._async_lane(caller)
-        if lane is not None:
-            # A connection on the caller's own loop: no hand-off to the client's thread and back.
-            try:
-                answer = await lane.call_async(target.subject, body, call_id, target.wait_s, target.spec.name)
-            except LaneUnavailable:
-                pass
-            except TimeoutError:
-                raise _timed_out(app, function, target, call_id) from None
-            except Refused as exc:
-                raise self._refused(app, function, env, target, exc) from None
-            else:
-                if _NO_REF not in answer:
-                    answer = await self.run_async(self.inline_result, answer)
-                return target, answer
-        _telemetry.bind(call_id)
         waiter = _LoopWaiter(caller)
         self._loop.call_soon_threadsafe(self._start_sync, target, body, call_id, waiter)
         try:

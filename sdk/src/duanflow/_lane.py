@@ -26,7 +26,6 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator
 from typing import Any, Final
 
 import nats
@@ -69,22 +68,12 @@ class Refused(Exception):
 
 
 class Lane:
-    """A connection for calls without a thread hand-off.
+    """A connection for sync calls, driven by whichever thread holds :attr:`lock`."""
 
-    The sync lane (``owned``, the default) has a private loop that whichever thread holds :attr:`lock` drives for
-    one call (:meth:`call`). An async lane lives on one caller's running event loop and takes any number of its
-    calls at once (:meth:`call_async`); it closes its connection when that loop shuts down its async generators (as
-    ``asyncio.run`` does at its end).
-    """
-
-    def __init__(self, url: str, user: str, password: str, *, owned: bool = True) -> None:
+    def __init__(self, url: str, user: str, password: str) -> None:
         self._login = (url, user, password)
         self.lock = threading.Lock()
-        self._owned = owned
         self._loop: asyncio.AbstractEventLoop | None = None
-        """The sync lane's private loop (an async lane keeps no reference to its loop: it is a weak key)."""
-        self._connect_lock: asyncio.Lock | None = None
-        self._closer: AsyncIterator[None] | None = None
         self._nc: Any = None
         self._inbox = ""
         self._pid = os.getpid()
@@ -116,10 +105,6 @@ class Lane:
                     loop.run_until_complete(task)
             raise
 
-    async def call_async(self, subject: str, body: bytes, call_id: str, wait_s: float, what: str) -> bytes:
-        """:meth:`call` on the caller's running loop (an async lane)."""
-        return await self._call(subject, body, call_id, wait_s, what)
-
     async def _call(self, subject: str, body: bytes, key: str, wait_s: float, what: str) -> bytes:
         await self._ready()
         headers = {HDR_REPLY: f"{self._inbox}.{key}", HDR_CALL_ID: key, HDR_MSG_ID: key}
@@ -130,15 +115,12 @@ class Lane:
         self._waiting[key] = call
         try:
             nc = self._nc
-            alone = len(self._waiting) == 1
             try:
-                # A lone call goes straight to the socket; calls at once let nats-py's flusher batch their writes.
-                if not (alone and publish_now(nc, subject, body, headers)):
+                if not publish_now(nc, subject, body, headers):
                     await nc.publish(subject, body, headers=headers)
             except (OSError, nats.errors.Error) as exc:  # refused before anything was sent
-                log.info("lane could not publish (%r): taking the ordinary path", exc)
-                if alone:
-                    await self._drop()
+                log.info("sync lane could not publish (%r): taking the ordinary path", exc)
+                await self._drop()
                 raise LaneUnavailable from None
             data = await call.wait(now + min(CONFIRM_AFTER_S, wait_s))
             if data is not None:
@@ -163,24 +145,14 @@ class Lane:
 
     async def _ready(self) -> None:
         """Connect on first use; after a long idle, prove the connection alive. Raises :class:`LaneUnavailable`."""
-        nc = self._nc
-        if nc is not None and nc.is_connected and time.monotonic() - self._last_used < IDLE_CHECK_S:
-            return
-        if self._connect_lock is None:
-            self._connect_lock = asyncio.Lock()
-        async with self._connect_lock:  # an async lane's calls at once: one connects, the others wait for it
-            await self._ready_locked()
-
-    async def _ready_locked(self) -> None:
         if self._nc is not None and not self._nc.is_closed:
             if time.monotonic() - self._last_used < IDLE_CHECK_S and self._nc.is_connected:
                 return
             try:
                 await self._nc.flush(timeout=PING_TIMEOUT_S)
-                self._last_used = time.monotonic()
                 return
             except Exception as exc:
-                log.info("lane unusable after idling (%r): reconnecting", exc)
+                log.info("sync lane unusable after idling (%r): reconnecting", exc)
                 await self._drop()
         try:
             url, user, password = self._login
@@ -189,7 +161,7 @@ class Lane:
                     servers=[url],
                     user=user or None,
                     password=password or None,
-                    name=f"duanflow-sdk-{os.getpid()}-{'sync' if self._owned else 'async'}",
+                    name=f"duanflow-sdk-{os.getpid()}-sync",
                     connect_timeout=CONNECT_TIMEOUT_S,
                     allow_reconnect=True,
                     max_reconnect_attempts=-1,
@@ -202,21 +174,10 @@ class Lane:
             self._inbox = nc.new_inbox()
             await subscribe_direct(nc, f"{self._inbox}.>", self._on_message)
         except Exception as exc:
-            log.info("lane could not connect (%r): calls take the ordinary path", exc)
+            log.info("sync lane could not connect (%r): sync calls take the ordinary path", exc)
             self._retry_at = time.monotonic() + RETRY_AFTER_S
             raise LaneUnavailable from None
         self._nc = nc
-        if not self._owned and self._closer is None:
-            # An async generator the loop finalizes when it shuts down (asyncio.run does): it closes the connection.
-            self._closer = self._close_with_loop()
-            await anext(self._closer)
-
-    async def _close_with_loop(self) -> AsyncIterator[None]:
-        try:
-            yield
-        finally:
-            await self._drop()
-            self._connect_lock = None  # it may refer to the loop that is going away
 
     def _on_message(self, msg: Msg) -> None:
         rest = msg.subject[len(self._inbox) + 1 :]
