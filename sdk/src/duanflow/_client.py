@@ -248,14 +248,17 @@ class Client:
         stored = self._stored.get(key)
         if stored is not None and not stored.done():
             stored.set_result(None)
-        headers = msg.headers
-        if headers and headers.get("Status") == "503":
+        status = (msg.headers or {}).get("Status", "")
+        if status == "503" or b'"error"' in msg.data:
+            self._fail(key, self._refusal(target, status, msg.data))
+
+    def _refusal(self, target: Target, status: str, data: bytes) -> Exception:
+        """The error of a publish JetStream refused: no stream takes the subject (503: not deployed, and the
+        cached target is dropped), or the stream's own error."""
+        if status == "503":
             self._targets.pop((target.env, target.app, target.spec.name), None)
-            self._fail(
-                key, _not_deployed(target.app, target.spec.name, target.env, f"no stream takes {target.subject}")
-            )
-        elif b'"error"' in msg.data:
-            self._fail(key, _publish_error(target, msg.data))
+            return _not_deployed(target.app, target.spec.name, target.env, f"no stream takes {target.subject}")
+        return _publish_error(target, data)
 
     async def _on_reconnected(self) -> None:
         """After a reconnect, results published meanwhile are lost: send every call still waiting again.
@@ -505,10 +508,7 @@ class Client:
             except TimeoutError:
                 raise _timed_out(app, function, target, call_id) from None
             except Refused as exc:
-                if exc.status == "503":
-                    self._targets.pop((target.env, target.app, target.spec.name), None)
-                    raise _not_deployed(app, function, env, f"no stream takes {target.subject}") from None
-                raise _publish_error(target, exc.data) from None
+                raise self._refusal(target, exc.status, exc.data) from None
             else:
                 if _NO_REF not in data:
                     data = self.run(self.inline_result, data)
