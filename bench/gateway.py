@@ -8,8 +8,9 @@ latency), then ``--connections`` connections at once for ``--seconds`` (requests
 JSON line on stdout with the floor's figure and the ratio; progress goes to stderr.
 
 ``nats_invocation_median`` measures, in the same run, the part no HTTP server can remove: the same invocation the
-gateway makes, published straight to JetStream by a nats-py client, run by the same replica, its result back on an
-inbox (no HTTP at all). ``sequential_median`` is roughly that plus the floor plus the gateway's own work.
+gateway makes, published by a nats-py client to the endpoint's direct subject (the warm replicas' queue group, as
+the gateway does), run by the same replica, its result back on an inbox (no HTTP at all). ``sequential_median`` is
+roughly that plus the floor plus the gateway's own work.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ async def sequential(port: int, n: int) -> list[float]:
 
 
 async def nats_invocations(url: str, password: str, subject: str, n: int) -> list[float]:
-    """Sequential invocations as the gateway publishes them (JSON args, no PubAck asked), straight over NATS."""
+    """Sequential invocations as the gateway publishes them (JSON args, to the direct subject), straight over NATS."""
     nc = await nats.connect(url, user="service", password=password)
     inbox = nc.new_inbox()
     waiting: dict[str, asyncio.Future[bytes]] = {}
@@ -141,7 +142,7 @@ async def nats_invocations(url: str, password: str, subject: str, n: int) -> lis
             headers = {HDR_REPLY: f"{inbox}.{call_id}", HDR_CALL_ID: call_id, "Nats-Msg-Id": call_id}
             t0 = time.perf_counter()
             fut = waiting[call_id] = loop.create_future()
-            await nc.publish(subject, codec.encode(inv), headers=headers)
+            await nc.publish(subject, codec.encode(inv), reply=f"{inbox}.{call_id}.ack", headers=headers)
             result = codec.decode(await asyncio.wait_for(fut, 30), Result)
             if not result.ok:
                 raise RuntimeError(f"invocation failed: {result.error}")
@@ -282,7 +283,7 @@ def main() -> int:
             note("measuring sequential latency")
             floor_seq = asyncio.run(sequential(floor_port, args.requests))
             gw_seq = asyncio.run(sequential(port, args.requests))
-            subject = subjects.invocation(d.env, APP_NAME, "echo")
+            subject = subjects.direct(d.env, APP_NAME, "echo")
             nats_seq = asyncio.run(nats_invocations(d.nats.address, d.creds.service, subject, args.requests))
             note(f"measuring {args.connections} connections for {args.seconds}s each")
             replica = d.replicas[0].pid

@@ -17,9 +17,11 @@ import nats
 import pytest
 from duanflow._local import servers
 from duanflow_proto import codec, subjects
+from duanflow_proto.messages.invocation import ReplicaLoad
 from duanflow_proto.messages.logs import LogLine
 from fixtures.gateway_stack import Stack, deploy, gateway_stack, load_module
 from fixtures.waiting import eventually_sync
+from nats.aio.client import Client as NatsClient
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -100,6 +102,14 @@ def gate(request):
     while not path.exists():
         threading.Event().wait(0.01)  # the app under test polls; the test itself never sleeps
     return "opened"
+
+
+@app.endpoint(method="GET", path="/{app}/hold", timeout=20)
+def hold(request):
+    path = Path(request.query["file"])
+    while not path.exists():
+        threading.Event().wait(0.01)
+    return request.query["tag"]
 
 
 @app.endpoint(method="GET", path="/{app}/slow", timeout=1)
@@ -338,3 +348,104 @@ def test_route_changes_without_restart(http: httpx.Client, stack: Stack) -> None
 
     asyncio.run(drop())
     eventually_sync(lambda: http.get(f"/{a}/boom").status_code == 404)
+
+
+async def _consumer(nc: NatsClient, stack: Stack, fn: str) -> tuple[int, int]:
+    """(delivered sequence, calls in the stream not yet acked: waiting or delivered) of ``fn``'s durable consumer."""
+    info = await nc.jetstream().consumer_info(
+        subjects.STREAM_INVOCATIONS, subjects.consumer_name(stack.env, app_of(stack), fn)
+    )
+    return (info.delivered.consumer_seq if info.delivered else 0), (info.num_pending or 0) + (info.num_ack_pending or 0)
+
+
+def test_warm_replicas_take_calls_directly_and_report_their_load(stack: Stack) -> None:
+    a = app_of(stack)
+
+    async def scenario() -> None:
+        nc = await nats.connect(stack.nats_url, user="service", password=stack.creds.service)
+        try:
+            sub = await nc.subscribe(subjects.replica_load(stack.env, a, "get_item"))
+            await nc.flush()
+            before, _ = await _consumer(nc, stack, "get_item")
+            async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=30) as client:
+                for i in range(5):
+                    assert (await client.get(f"/{a}/items/{i}")).json()["id"] == str(i)
+            # The calls never passed the consumer: the replica says what it did instead.
+            assert (await _consumer(nc, stack, "get_item"))[0] == before
+            while True:
+                load = codec.decode((await sub.next_msg(timeout=10)).data, ReplicaLoad)
+                if load.served >= 5:
+                    break
+            assert (load.env, load.app, load.function) == (stack.env, a, "get_item") and load.replica_id
+        finally:
+            await nc.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_call_no_replica_can_take_now_waits_in_the_stream(stack: Stack, tmp_path: Path) -> None:
+    a = app_of(stack)
+    gate = tmp_path / "open"
+
+    async def scenario() -> None:
+        nc = await nats.connect(stack.nats_url, user="service", password=stack.creds.service)
+        try:
+            async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=30) as client:
+                params = {"file": str(gate)}
+                # The replica (concurrency 1) takes one call; the other is answered Df-Busy and goes to the
+                # stream, where it waits for the slot (in the stream, or delivered to the replica's queue).
+                calls = [
+                    asyncio.ensure_future(client.get(f"/{a}/hold", params={**params, "tag": tag}))
+                    for tag in ("first", "second")
+                ]
+                for _ in range(500):
+                    if (await _consumer(nc, stack, "hold"))[1]:
+                        break
+                    assert not any(c.done() for c in calls), [c.result().text for c in calls if c.done()]
+                    await asyncio.sleep(0.02)
+                else:
+                    pytest.fail("no call waited in the stream")
+                gate.write_text("go")
+                assert sorted([(await c).text for c in calls]) == ["first", "second"]
+                assert (await _consumer(nc, stack, "hold"))[1] == 0
+        finally:
+            await nc.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_draining_replica_finishes_its_direct_call_and_sends_new_ones_to_the_stream(
+    stack: Stack, tmp_path: Path
+) -> None:
+    a = app_of(stack)
+    gate = tmp_path / "open"
+    [replica] = stack.replicas["hold"]
+
+    async def scenario() -> None:
+        nc = await nats.connect(stack.nats_url, user="service", password=stack.creds.service)
+        try:
+            loads = await nc.subscribe(subjects.replica_load(stack.env, a, "hold"))
+            await nc.flush()
+            async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=30) as client:
+                params = {"file": str(gate)}
+                first = asyncio.ensure_future(client.get(f"/{a}/hold", params={**params, "tag": "first"}))
+                while codec.decode((await loads.next_msg(timeout=10)).data, ReplicaLoad).busy < 1:
+                    pass  # until the replica says it runs the call
+                _, waiting = await _consumer(nc, stack, "hold")
+                replica.terminate()  # SIGTERM: drain
+                second = asyncio.ensure_future(client.get(f"/{a}/hold", params={**params, "tag": "second"}))
+                for _ in range(500):  # the draining replica takes no new call: it goes to the stream
+                    if (await _consumer(nc, stack, "hold"))[1] > waiting:
+                        break
+                    await asyncio.sleep(0.02)
+                else:
+                    pytest.fail("the second call did not go to the stream")
+                assert not first.done() and replica.poll() is None
+                gate.write_text("go")
+                assert (await first).text == "first"
+                second.cancel()
+            assert await asyncio.to_thread(replica.wait, 30) == 0
+        finally:
+            await nc.close()
+
+    asyncio.run(scenario())

@@ -10,6 +10,7 @@ from typing import Any, cast
 import pytest
 from duanflow_proto import subjects
 from duanflow_proto.errors import NoCapacityError
+from duanflow_proto.messages.invocation import ReplicaLoad
 from duanflow_proto.messages.release import AppSpec, FunctionSpec, Release
 from duanflow_router import domain
 from duanflow_router.autoscale import (
@@ -317,4 +318,40 @@ async def test_keep_warm_replicas_are_never_idled_away_and_job_replicas_never_co
     await auto.step()
     await settle()
     assert len(ports.replicas) == 1 and not ports.stopped
+    await auto.close()
+
+
+async def test_an_endpoints_direct_calls_count_as_activity_and_as_load() -> None:
+    """Calls the gateway hands straight to warm replicas never reach the consumer: their reports stand in."""
+    f = FunctionSpec(name="f", kind="endpoint", scale_to=4, concurrency=2)
+    ports, clock = Ports(release_of(f)), Clock()
+    auto = scaler(ports, clock)
+    ports.loads["f"] = load(pending=1)
+    await auto.step()
+    await settle()
+    assert len(ports.replicas) == 1
+    ports.loads["f"] = load(delivered=1)
+
+    def report(busy: int, served: int) -> None:
+        msg = ReplicaLoad(replica_id="rp-0", env="prod", app="shop", function="f", busy=busy, served=served)
+        auto.direct.observe(msg, clock.now)
+
+    for served in range(100, 1100, 100):  # busy for 100 s, all of it on the direct path
+        clock.now += 10
+        report(1, served)  # (every second, in truth; the last one counts)
+        await auto.step()
+        await settle()
+    assert len(ports.replicas) == 1 and not ports.stopped
+
+    report(5, 1200)  # 5 calls running, two slots each: 3 replicas
+    await auto.step()
+    await settle()
+    assert len(ports.replicas) == 3 and ports.decisions[-1][1].reason.startswith("backlog 5")
+
+    clock.now += 4  # the reports stop (older than their TTL): idle from now on
+    await auto.step()
+    clock.now += 61
+    await auto.step()
+    await settle()
+    assert not ports.replicas and len(ports.stopped) == 3
     await auto.close()

@@ -34,7 +34,13 @@ class Invoker:
         )
 
     async def invoke(
-        self, subject: str, invocation: Invocation, timeout_s: float, trace_parent: Mapping[str, str] | None = None
+        self,
+        subject: str,
+        invocation: Invocation,
+        timeout_s: float,
+        trace_parent: Mapping[str, str] | None = None,
+        *,
+        direct: str = "",
     ) -> Result:
         self.calls.append((subject, invocation, timeout_s))
         answer = self.answer(invocation)
@@ -278,7 +284,13 @@ def test_429_over_the_burst_limit_with_retry_after(invoker: Invoker) -> None:
 
     class Slow(Invoker):
         async def invoke(
-            self, subject: str, invocation: Invocation, timeout_s: float, trace_parent: Mapping[str, str] | None = None
+            self,
+            subject: str,
+            invocation: Invocation,
+            timeout_s: float,
+            trace_parent: Mapping[str, str] | None = None,
+            *,
+            direct: str = "",
         ) -> Result:
             entered.set()
             await gate.wait()

@@ -155,3 +155,65 @@ async def test_garbage_result_is_502() -> None:
     inv._on_result(Msg("_INBOX.gw.fc-1", b"\x00garbage"))  # type: ignore[arg-type]
     with pytest.raises(BadGatewayError):
         await task
+
+
+DIRECT = "duanflow.direct.e.a.f"
+
+
+async def test_direct_call_goes_to_the_warm_replicas_and_nowhere_else() -> None:
+    inv, nc = await started()
+    call = Invocation(call_id="fc-1", function="f")
+    task = asyncio.ensure_future(inv.invoke("duanflow.inv.e.a.f", call, 5, direct=DIRECT))
+    await nc.sent.wait()
+    subject, reply, headers = nc.published[0]
+    assert subject == DIRECT and reply == "_INBOX.gw.fc-1.ack" and headers["Df-Reply"] == "_INBOX.gw.fc-1"
+    inv._on_result(Msg("_INBOX.gw.fc-1", result()))  # type: ignore[arg-type]
+    assert (await task).ok and len(nc.published) == 1 and inv.in_flight == 0
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [{"Df-Busy": "1"}, {"Status": "503", "Description": "No Responders"}],
+    ids=["replicas-busy", "no-replica"],
+)
+async def test_direct_call_nobody_takes_goes_to_the_stream(answer: dict[str, str]) -> None:
+    inv, nc = await started()
+    call = Invocation(call_id="fc-1", function="f")
+    task = asyncio.ensure_future(inv.invoke("duanflow.inv.e.a.f", call, 5, direct=DIRECT))
+    await nc.sent.wait()
+    nc.sent.clear()
+    inv._on_result(Msg("_INBOX.gw.fc-1.ack", b"", answer))  # type: ignore[arg-type]
+    await nc.sent.wait()
+    subject, reply, headers = nc.published[1]
+    assert subject == "duanflow.inv.e.a.f" and reply == "" and headers["Nats-Msg-Id"] == "fc-1"
+    assert not task.done()
+    inv._on_result(Msg("_INBOX.gw.fc-1", result()))  # type: ignore[arg-type]
+    assert (await task).ok and len(nc.published) == 2
+
+
+async def test_direct_call_sent_to_the_stream_is_confirmed_when_silent(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gw_nats, "CONFIRM_AFTER_S", 0.05)
+    inv, nc = await started()
+    call = Invocation(call_id="fc-1", function="f")
+    task = asyncio.ensure_future(inv.invoke("duanflow.inv.e.a.f", call, 5, direct=DIRECT))
+    await nc.sent.wait()
+    inv._on_result(Msg("_INBOX.gw.fc-1.ack", b"", {"Df-Busy": "1"}))  # type: ignore[arg-type]
+    while len(nc.published) < 3:
+        nc.sent.clear()
+        await nc.sent.wait()
+    subject, reply, _ = nc.published[2]
+    assert subject == "duanflow.inv.e.a.f" and reply == "_INBOX.gw.fc-1.ack"
+    inv._on_result(Msg(reply, b"", {"Status": "503"}))  # type: ignore[arg-type]
+    with pytest.raises(UnavailableError):
+        await task
+
+
+async def test_direct_call_a_replica_took_waits_for_its_deadline_not_a_confirmation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(gw_nats, "CONFIRM_AFTER_S", 0.01)
+    inv, nc = await started()
+    call = Invocation(call_id="fc-1", function="f")
+    with pytest.raises(DeadlineExceededError):
+        await inv.invoke("duanflow.inv.e.a.f", call, 0.2, direct=DIRECT)
+    assert len(nc.published) == 1

@@ -6,6 +6,8 @@ This module is the single source of truth: no other module writes a subject as a
 |---|---|---|---|
 | invocation | ``duanflow.inv.<env>.<app>.<function>`` | JS ``DUANFLOW_INV`` (work queue) | SDK, gateway → replicas |
 | job invocation | ``duanflow.inv.<env>.<app>.<function>.<job>`` | JS ``DUANFLOW_INV`` | router → job replica |
+| direct call | ``duanflow.direct.<env>.<app>.<function>`` | core request, queue group | gateway → endpoint replicas |
+| replica load | ``duanflow.load.<env>.<app>.<function>`` | core NATS | endpoint replicas → router |
 | queue | ``duanflow.queue.<env>.<queue>`` | JetStream ``DUANFLOW_QUEUE`` (work queue) | SDK → worker replicas |
 | dead letter | ``duanflow.dlq.<env>.<queue>`` | JetStream ``DUANFLOW_DLQ`` (limits) | worker replicas → CLI |
 | logs | ``duanflow.logs.<env>.<app>.<kind>.<source>`` | JS ``DUANFLOW_LOGS`` (limits) | all → log service, CLI |
@@ -20,7 +22,7 @@ This module is the single source of truth: no other module writes a subject as a
 | build done | ``duanflow.build.evt.done.<image>`` | core NATS | builder → waiters |
 | price | ``duanflow.price.<pool>`` | core NATS | price feed → router |
 | results inbox | ``_INBOX.<client>.<call>`` | core NATS | replica → caller |
-| invocation ack | ``_INBOX.<client>.<call>.ack`` | core NATS | JetStream PubAck → gateway |
+| invocation ack | ``_INBOX.<client>.<call>.ack`` | core NATS | JetStream PubAck, ``Df-Busy``, 503 → gateway |
 
 Request/reply subjects are never captured by a stream: a stream would answer with its PubAck.
 
@@ -65,6 +67,10 @@ EVENTS_ALL: Final = f"{PREFIX}.evt.>"
 CAPACITY_ALL: Final = f"{PREFIX}.agent.cap.*"
 PRICE_ALL: Final = f"{PREFIX}.price.*"
 API_ALL: Final = f"{PREFIX}.api.>"
+DIRECT_ALL: Final = f"{PREFIX}.direct.>"
+LOAD_ALL: Final = f"{PREFIX}.load.>"
+DIRECT_QUEUE: Final = "replicas"
+"""Queue group of an endpoint's replicas on its direct subject (each call reaches one of them)."""
 
 SERVICES: Final = ("router", "builder", "gateway", "agent", "logs")
 
@@ -88,6 +94,18 @@ def token(value: str) -> str:
 def invocation(env: str, app: str, function: str) -> str:
     """Subject that carries invocations of one function."""
     return f"{PREFIX}.inv.{token(env)}.{token(app)}.{token(function)}"
+
+
+def direct(env: str, app: str, function: str) -> str:
+    """Core request subject of one endpoint's warm replicas (queue group :data:`DIRECT_QUEUE`): the gateway's fast
+    path, which skips the stream. A replica that cannot take the call at once answers ``Df-Busy``; with no replica
+    subscribed the server answers 503 (no responders); either way the gateway publishes to :func:`invocation`."""
+    return f"{PREFIX}.direct.{token(env)}.{token(app)}.{token(function)}"
+
+
+def replica_load(env: str, app: str, function: str) -> str:
+    """Subject replicas report the load of their direct path on (``ReplicaLoad``); the router listens."""
+    return f"{PREFIX}.load.{token(env)}.{token(app)}.{token(function)}"
 
 
 def consumer_next(stream: str, consumer: str) -> str:

@@ -57,9 +57,10 @@ class _DirectQueue:
         return None
 
 
-async def subscribe_direct(nc: Any, subject: str, handler: Callable[[Msg], None]) -> Any:
-    """Subscribe ``handler`` (a plain function) to ``subject``; returns the nats-py subscription."""
-    sub = await nc.subscribe(subject, pending_bytes_limit=0)
+async def subscribe_direct(nc: Any, subject: str, handler: Callable[[Msg], None], *, queue: str = "") -> Any:
+    """Subscribe ``handler`` (a plain function) to ``subject`` (in queue group ``queue``, if given); returns the
+    nats-py subscription."""
+    sub = await nc.subscribe(subject, queue=queue, pending_bytes_limit=0)
     if hasattr(sub, "_pending_queue") and hasattr(sub, "_pending_size") and getattr(sub, "_cb", None) is None:
         sub._pending_queue = _DirectQueue(sub, handler)
         return sub
@@ -71,7 +72,7 @@ async def subscribe_direct(nc: Any, subject: str, handler: Callable[[Msg], None]
         except Exception:
             log.exception("handler of %s failed; message dropped", msg.subject)
 
-    return await nc.subscribe(subject, cb=cb)
+    return await nc.subscribe(subject, queue=queue, cb=cb)
 
 
 def publish_now(nc: Any, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> bool:
@@ -94,4 +95,24 @@ def publish_now(nc: Any, subject: str, payload: bytes, headers: dict[str, str] |
         writer.write(command.pub_cmd(subject, "", payload))
     nc.stats["out_msgs"] += 1
     nc.stats["out_bytes"] += len(payload)
+    return True
+
+
+async def withdraw(nc: Any, sub: Any, flush_s: float) -> bool:
+    """Remove ``sub``'s interest at the server while still handling what the server sent before: True once the
+    server's PONG says it sends no more, False when that could not be confirmed. Unsubscribe locally afterwards.
+
+    nats-py's ``unsubscribe()`` drops the local subscription at once, so a message already on its way is lost; the
+    UNSUB sent alone, then a flush (the PONG follows every message sent before it), loses nothing.
+    """
+    send_unsubscribe = getattr(nc, "_send_unsubscribe", None)
+    sid = getattr(sub, "_id", None)
+    if send_unsubscribe is None or not isinstance(sid, int):
+        return False
+    try:
+        await send_unsubscribe(sid)
+        await nc.flush(timeout=flush_s)
+    except Exception as exc:
+        log.warning("could not withdraw the subscription to %s: %s", getattr(sub, "subject", "?"), exc)
+        return False
     return True

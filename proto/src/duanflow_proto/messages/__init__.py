@@ -16,6 +16,7 @@ from duanflow_proto.messages.invocation import (
     InvocationBatch,
     PayloadUrlReply,
     PayloadUrlRequest,
+    ReplicaLoad,
     Result,
     ResultBatch,
 )
@@ -68,6 +69,7 @@ ALL_MESSAGES: tuple[type, ...] = (
     ResultBatch,
     PayloadUrlRequest,
     PayloadUrlReply,
+    ReplicaLoad,
     GpuInfo,
     ReplicaInfo,
     CapacityReport,
@@ -168,6 +170,7 @@ __all__ = [
     "ReleaseList",
     "ReleaseListRequest",
     "ReplicaInfo",
+    "ReplicaLoad",
     "Result",
     "ResultBatch",
     "RouteEntry",

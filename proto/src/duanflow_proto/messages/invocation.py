@@ -16,6 +16,8 @@ HDR_REPLY = "Df-Reply"
 HDR_CALL_ID = "Df-Call"
 HDR_DEADLINE = "Df-Deadline"
 HDR_TRACEPARENT = "traceparent"
+HDR_BUSY = "Df-Busy"
+"""Header of a replica's empty answer to a direct call it cannot take now (all slots busy, draining)."""
 
 HEARTBEAT_S = 0.5
 """Interval of the heartbeats a replica sends while one HTTP (``json``-codec) call runs (the first after one)."""
@@ -118,6 +120,31 @@ class ResultBatch(msgspec.Struct, frozen=True, kw_only=True, tag="duanflow.v1.in
     """Index of ``results[0]`` in the map's inputs."""
     results: list[Result]
     """One result per input (``Result.call_id`` is the map's id)."""
+
+
+class ReplicaLoad(msgspec.Struct, frozen=True, kw_only=True, tag="duanflow.v1.inv.replica_load", tag_field="type"):
+    """What an endpoint replica's direct path (``subjects.direct``) is doing, for the router's autoscaler.
+
+    Direct calls never pass the function's consumer, so its backlog and delivered sequence do not show them. Sent
+    on ``subjects.replica_load`` every ``LOAD_REPORT_S`` while the replica served a direct call or holds one.
+    """
+
+    replica_id: str
+    """The reporting replica."""
+    env: str
+    """Env of its app."""
+    app: str
+    """Its app."""
+    function: str
+    """Its function."""
+    busy: int = 0
+    """Direct calls running on it now."""
+    served: int = 0
+    """Direct calls it has taken since it started (a counter: a change means activity)."""
+
+
+LOAD_REPORT_S = 1.0
+"""Interval of :class:`ReplicaLoad` reports while a replica's direct path is in use."""
 
 
 class PayloadUrlRequest(

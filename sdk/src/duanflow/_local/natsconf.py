@@ -50,6 +50,7 @@ ROLE_PERMISSIONS: dict[str, dict[str, list[str]]] = {
             subjects.QUEUE_ALL,
             subjects.INV_ALL,
             subjects.API_ALL,
+            subjects.LOAD_ALL,
             INBOX,
             "$JS.ACK.>",
             "$JS.API.INFO",
@@ -72,6 +73,7 @@ ROLE_PERMISSIONS: dict[str, dict[str, list[str]]] = {
             wildcard(subjects.agent_command, tail=">"),
             wildcard(subjects.replica_ready),
             subjects.health("agent"),
+            subjects.DIRECT_ALL,  # endpoint replicas take the gateway's direct calls (as they may pull any input)
             INBOX,
         ],
     },

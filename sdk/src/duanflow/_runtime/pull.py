@@ -27,7 +27,7 @@ from typing import Any, Final
 from duanflow_proto import subjects
 from nats.aio.msg import Msg
 
-from duanflow._inbox import subscribe_direct
+from duanflow._inbox import subscribe_direct, withdraw
 
 log = logging.getLogger("duanflow.runtime.pull")
 
@@ -96,17 +96,9 @@ class Puller:
         False when that could not be confirmed: then wait until :meth:`owed` is false before :meth:`stop`.
         """
         self.draining = True
-        sub = self._sub
-        send_unsubscribe = getattr(self._nc, "_send_unsubscribe", None)
-        sid = getattr(sub, "_id", None)
-        if sub is None or send_unsubscribe is None or not isinstance(sid, int):
-            return sub is None
-        try:
-            # nats-py's unsubscribe() would drop the local subscription at once, losing what is on its way.
-            await send_unsubscribe(sid)
-            await self._nc.flush(timeout=flush_s)  # the PONG follows every message sent before the UNSUB
-        except Exception as exc:
-            log.warning("could not withdraw the pull requests' inbox: %s", exc)
+        if self._sub is None:
+            return True
+        if not await withdraw(self._nc, self._sub, flush_s):
             return False
         self.credit = 0
         return True

@@ -36,10 +36,13 @@ from duanflow_proto.messages.common import Ack, ErrorReply
 from duanflow_proto.messages.invocation import (
     CODEC_CLOUDPICKLE,
     CODEC_JSON,
+    HDR_BUSY,
     HDR_CALL_ID,
     HDR_REPLY,
+    LOAD_REPORT_S,
     Invocation,
     InvocationBatch,
+    ReplicaLoad,
     Result,
     ResultBatch,
 )
@@ -48,13 +51,13 @@ from nats.aio.msg import Msg
 
 from duanflow import _telemetry
 from duanflow._app import find_app
-from duanflow._inbox import publish_now
+from duanflow._inbox import publish_now, subscribe_direct, withdraw
 from duanflow._payload import INLINE_MAX
 from duanflow._payload import fetch as fetch_payload
 from duanflow._payload import store as store_payload
 from duanflow._runtime.batch import BatchRunner, decode_input, pickle_value
 from duanflow._runtime.config import RuntimeConfig
-from duanflow._runtime.http_calls import handle_http, is_http_target
+from duanflow._runtime.http_calls import HttpCall, handle_http, is_http_target
 from duanflow._runtime.inline import Gate, InlineTimeout, Watchdog, raw_publish
 from duanflow._runtime.pull import Puller
 from duanflow._runtime.stream import run_generator
@@ -140,8 +143,16 @@ class Worker:
         self._tg: asyncio.TaskGroup | None = None
         self._puller: Puller | None = None
         self._wake = asyncio.Event()
-        self._running: dict[int, tuple[Msg, float]] = {}
-        """Messages being run, with when they started, for in_progress() heartbeats."""
+        self._running: dict[int, tuple[Msg | None, float]] = {}
+        """Inputs being run, with when they started; the message for in_progress() heartbeats (None: a direct call,
+        which has no lease)."""
+        self._direct: Any = None
+        """An endpoint's subscription to its direct subject (the gateway's fast path; see :meth:`_on_direct`)."""
+        self._direct_busy = 0
+        """Direct calls running now (each also takes one of the ``concurrency`` slots)."""
+        self._direct_served = 0
+        """Direct calls taken since start (reported to the router, which cannot see them in the consumer)."""
+        self._spare: set[asyncio.Task[Any]] = set()
         self._ack_wait_s = 30.0
         self._callables: dict[str, tuple[Callable[..., Any], bool, bool]] = {}
         self._executor = _executor(config.concurrency)
@@ -199,6 +210,77 @@ class Worker:
         else:
             self._backlog.append(msg)
 
+    def _on_direct(self, msg: Msg) -> None:
+        """A call on the endpoint's direct subject (in the read loop): run it in a free slot now, else answer
+        ``Df-Busy`` and the gateway sends it to the stream. Never queued here: the router sees a backlog only in the
+        consumer, and the stream is where a backlog waits."""
+        tg = self._tg
+        if tg is None or self.stopping.is_set() or self._busy >= self.config.concurrency or self._backlog:
+            if msg.reply and not publish_now(self._nc, msg.reply, b"", _BUSY):
+                task = asyncio.get_running_loop().create_task(self._nc.publish(msg.reply, b"", headers=_BUSY))
+                self._spare.add(task)
+                task.add_done_callback(self._spare.discard)
+            return
+        self._busy += 1
+        self._direct_busy += 1
+        self._direct_served += 1
+        tg.create_task(self._run_direct(msg))
+
+    async def _run_direct(self, msg: Msg) -> None:
+        key = id(msg)
+        self._running[key] = (None, time.monotonic())
+        try:
+            with _telemetry.serving(msg, self.config.function):
+                await self.handle_direct(msg)
+        except Exception:
+            log.exception("direct call on %s could not be handled", msg.subject)
+        finally:
+            del self._running[key]
+            self._direct_busy -= 1
+            await self._slot_freed()
+
+    async def handle_direct(self, msg: Msg) -> None:
+        """Run one direct (HTTP) call: answer its caller (``Df-Reply``); nothing to ack."""
+        headers = msg.headers or {}
+        reply = headers.get(HDR_REPLY, "")
+        started = time.monotonic()
+        try:
+            inv = codec.decode(msg.data, Invocation)
+            if inv.codec != CODEC_JSON:
+                raise InvalidInputError(f"a direct call must be an HTTP call (codec json), not codec {inv.codec!r}")
+        except InvalidInputError as exc:
+            log.warning("malformed direct call on %s: %s", msg.subject, exc.message)
+            if reply:
+                await self._answer(reply, Result(call_id=headers.get(HDR_CALL_ID, ""), ok=False, error=exc.to_reply()))
+            return
+        if inv.deadline_ms and time.time() * 1000 > inv.deadline_ms:
+            log.warning("call %s of %s arrived after its deadline: skipped", inv.call_id, self.config.function)
+            return
+        await HttpCall(self, inv, reply, started).run()
+
+    async def _report_load(self) -> None:
+        """Tell the router what the direct path does, every ``LOAD_REPORT_S`` while it is in use."""
+        cfg = self.config
+        subject = subjects.replica_load(cfg.env, cfg.app, cfg.function)
+        reported = 0
+        while True:
+            await asyncio.sleep(LOAD_REPORT_S)
+            if self._direct_served == reported and not self._direct_busy:
+                continue
+            reported = self._direct_served
+            load = ReplicaLoad(
+                replica_id=cfg.replica_id,
+                env=cfg.env,
+                app=cfg.app,
+                function=cfg.function,
+                busy=self._direct_busy,
+                served=reported,
+            )
+            try:
+                await self._nc.publish(subject, codec.encode(load))
+            except Exception as exc:
+                log.debug("could not report the direct path's load: %r", exc)
+
     def _free(self) -> int:
         """Messages this replica can take now: its free slots, plus a few queued ones while its calls are fast."""
         gates = self._gates
@@ -213,7 +295,7 @@ class Worker:
             await asyncio.sleep(every)
             now = time.monotonic()
             for msg, started in list(self._running.values()):
-                if now - started >= every:
+                if msg is not None and now - started >= every:
                     with contextlib.suppress(Exception):
                         await msg.in_progress()
 
@@ -245,6 +327,14 @@ class Worker:
                 ) from None
             puller = self._puller = Puller(self._nc, cfg.stream, cfg.consumer, self._on_msg, on_closed=self._wake.set)
             await puller.start()
+            if self.target.spec.endpoint is not None:
+                # An endpoint also serves the gateway's direct calls (core NATS, no stream) while it has free slots.
+                self._direct = await subscribe_direct(
+                    self._nc,
+                    subjects.direct(cfg.env, cfg.app, cfg.function),
+                    self._on_direct,
+                    queue=subjects.DIRECT_QUEUE,
+                )
             if self.simulated:
                 print(
                     f"note: {cfg.function} runs on a simulated {self._gpu_label()} (no GPU on this machine)", flush=True
@@ -256,6 +346,7 @@ class Worker:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 beats = tg.create_task(self._heartbeats())
+                loads = tg.create_task(self._report_load()) if self._direct is not None else None
                 while not self.stopping.is_set():
                     try:
                         await puller.top_up(self._free())
@@ -266,7 +357,13 @@ class Worker:
                 # Draining: no new pull requests, and the server delivers nothing more on the open ones (their
                 # inbox loses its interest there first; what was already on its way still arrives and is handed
                 # back at once). Queued inputs are handed back too; those in flight finish. A fallback when the
-                # withdrawal cannot be confirmed: keep the inbox until the open requests run out.
+                # withdrawal cannot be confirmed: keep the inbox until the open requests run out. The direct
+                # subscription goes first, the same way: calls still on their way are answered Df-Busy (the gateway
+                # sends them to the stream) rather than lost with a dropped subscription.
+                if self._direct is not None:
+                    await withdraw(self._nc, self._direct, CONNECT_TIMEOUT_S)
+                    with contextlib.suppress(Exception):
+                        await self._direct.unsubscribe()
                 puller.drain()
                 withdrawn = await puller.withdraw(CONNECT_TIMEOUT_S)
                 while self._backlog:
@@ -278,6 +375,8 @@ class Worker:
                 with contextlib.suppress(Exception):
                     await puller.stop()
                 beats.cancel()
+                if loads is not None:
+                    loads.cancel()
             log.info("replica %s drained", cfg.replica_id)
         finally:
             if watch is not None:
@@ -298,19 +397,23 @@ class Worker:
             log.exception("input on %s could not be handled", msg.subject)
         finally:
             del self._running[key]
-            self._busy -= 1
-            if self.stopping.is_set():
+            await self._slot_freed()
+
+    async def _slot_freed(self) -> None:
+        """An input finished: start a queued one in its slot, or offer the slot to the consumer again."""
+        self._busy -= 1
+        if self.stopping.is_set():
+            self._wake.set()
+            return
+        if self._backlog and self._tg is not None:
+            self._busy += 1
+            self._tg.create_task(self._run_one(self._backlog.popleft()))
+        if self._puller is not None:
+            # Re-offer the slot now: the pull request leaves in the same flush as the result and the ack.
+            try:
+                await self._puller.top_up(self._free())
+            except Exception:
                 self._wake.set()
-            else:
-                if self._backlog and self._tg is not None:
-                    self._busy += 1
-                    self._tg.create_task(self._run_one(self._backlog.popleft()))
-                if self._puller is not None:
-                    # Re-offer the slot now: the pull request leaves in the same flush as the result and the ack.
-                    try:
-                        await self._puller.top_up(self._free())
-                    except Exception:
-                        self._wake.set()
 
     async def handle(self, msg: Msg) -> None:
         """Run one invocation message: answer its caller (``Df-Reply``), then ack (or term garbage)."""
@@ -691,6 +794,9 @@ def remote_error(exc: BaseException) -> ErrorReply:
         exc_type=exc_type,
         exc_pickle=pickled,
     )
+
+
+_BUSY: Final = {HDR_BUSY: "1"}
 
 
 def _executor(concurrency: int) -> ThreadPoolExecutor:

@@ -76,6 +76,8 @@ class Route:
     """Literal path segments, ``None`` where a parameter goes."""
     params: tuple[str, ...]
     """Parameter names, in path order."""
+    direct: str = ""
+    """Core subject of the endpoint's warm replicas (``subjects.direct``), tried before the stream."""
 
     @property
     def specificity(self) -> tuple[int, ...]:
@@ -127,7 +129,11 @@ def compile_route(key: str, entry: RouteEntry) -> Route:
             raise InvalidInputError(f"route {key!r}: segment {seg!r} of {entry.path!r} is not '{{name}}' nor literal")
         else:
             segments.append(seg)
-    return Route(key=key, entry=entry, method=method, segments=tuple(segments), params=tuple(params))
+    try:
+        direct = subjects.direct(entry.env, entry.app, entry.function)
+    except ValueError as exc:
+        raise InvalidInputError(f"route {key!r}: {exc}") from None
+    return Route(key=key, entry=entry, method=method, segments=tuple(segments), params=tuple(params), direct=direct)
 
 
 @dataclass

@@ -187,7 +187,9 @@ class GatewayHttp:
         )
         # A W3C traceparent from the client: the invocation's trace continues it.
         trace_parent = headers if "traceparent" in headers else None
-        result = await self.invoker.invoke(entry.subject, invocation, timeout_s, trace_parent)
+        result = await self.invoker.invoke(
+            entry.subject, invocation, timeout_s, trace_parent, direct=match.route.direct
+        )
         if result.stream:
             return await self._relay(send, entry, result, headers.get("accept", ""), method, path)
         reply = domain.http_reply(result)

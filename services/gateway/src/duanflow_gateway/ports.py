@@ -15,11 +15,19 @@ class Invoker(Protocol):
     """Sends one invocation to its function's replicas and waits for the result."""
 
     async def invoke(
-        self, subject: str, invocation: Invocation, timeout_s: float, trace_parent: Mapping[str, str] | None = None
+        self,
+        subject: str,
+        invocation: Invocation,
+        timeout_s: float,
+        trace_parent: Mapping[str, str] | None = None,
+        *,
+        direct: str = "",
     ) -> Result:
         """Publish ``invocation`` on ``subject`` and return its result.
 
         ``trace_parent``: headers of the incoming request whose W3C trace context the invocation continues.
+        ``direct``: the core subject of the function's warm replicas (``subjects.direct``), tried first; the call
+        goes to ``subject`` when no replica there takes it at once.
 
         Raises :class:`~duanflow_proto.errors.DeadlineExceededError` when no result came within ``timeout_s`` and
         :class:`~duanflow_proto.errors.UnavailableError` when the invocations stream cannot take it.

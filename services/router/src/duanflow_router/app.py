@@ -21,7 +21,7 @@ from duanflow_router.adapters.nats import NatsAgentClient, NatsLease, NatsPlatfo
 from duanflow_router.adapters.postgres import PostgresReleaseStore, open_pool
 from duanflow_router.adapters.s3 import S3BlobStore
 from duanflow_router.adapters.secrets_pg import PostgresAppSwitch, PostgresSecretStore
-from duanflow_router.autoscale import Autoscaler
+from duanflow_router.autoscale import Autoscaler, DirectLoads
 from duanflow_router.control import ControlPlane
 from duanflow_router.ports import Lease
 from duanflow_router.replica_setup import ReplicaSetup
@@ -151,8 +151,11 @@ class RouterApp:
             job_events = jobs.JobEventListener(self.jobs, lambda: self.leader)
             capacity = handlers.CapacityListener(control)
             prices = handlers.PriceListener(control)
+            direct = DirectLoads()
+            direct_loads = handlers.ReplicaLoadListener(direct)
             subs = [
                 await service.nc.subscribe(subjects.CAPACITY_ALL, cb=capacity.on_message),
+                await service.nc.subscribe(subjects.LOAD_ALL, cb=direct_loads.on_message),
                 await service.nc.subscribe(subjects.PRICE_ALL, cb=prices.on_message),
                 await service.nc.subscribe(subjects.JOB_EVENTS_ALL, cb=job_events.on_message),
             ]
@@ -181,6 +184,7 @@ class RouterApp:
                         interval_s=s.autoscale_interval_s,
                         idle_window_s=s.idle_window_s,
                         max_starts=s.autoscale_max_starts,
+                        direct=direct,
                     )
                     scaling = tasks.create_task(self.autoscaler.run(lambda: self.leader))
                     depths = (

@@ -12,6 +12,10 @@ through ports and runs on the leader only.
   scheduler decision and the function waits ``RETRY_S`` before the next try.
 - **Idle.** Replicas above ``keep_warm`` stop (``StopReplica`` drains in-flight inputs) once the consumer's
   delivered sequence has not moved and nothing is in flight for ``idle_window_s``; to zero when ``keep_warm`` is 0.
+- **Direct calls.** An endpoint's warm replicas also take the gateway's calls on a core subject, outside the
+  consumer; they report that path's load (``ReplicaLoad``: calls running, calls taken so far) and
+  :class:`DirectLoads` adds it to the consumer's read: running calls to ``ack_pending``, calls taken to
+  ``delivered``. A call no replica can take goes to the stream, so a backlog always shows as ``num_pending``.
 
 Every decision is a :class:`~duanflow_proto.messages.scheduler.SchedulerDecision` (outcome ``scale_up`` /
 ``scale_down``) and a ``scheduler`` log line. Jobs (``FunctionSpec.job``) and their replicas are never touched.
@@ -34,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from duanflow_proto.errors import DuanFlowError, NoCapacityError
+from duanflow_proto.messages.invocation import LOAD_REPORT_S, ReplicaLoad
 from duanflow_proto.messages.release import FunctionSpec, Release
 
 from duanflow_router import domain
@@ -138,6 +143,55 @@ class IdleClock:
         self.since = now
 
 
+DIRECT_LOAD_TTL_S = 3 * LOAD_REPORT_S
+"""A replica's direct-path report counts this long (a replica reports every ``LOAD_REPORT_S`` while in use)."""
+
+
+class DirectLoads:
+    """The latest ``ReplicaLoad`` of each replica, summed per function for the autoscaler."""
+
+    def __init__(self, ttl_s: float = DIRECT_LOAD_TTL_S) -> None:
+        self.ttl_s = ttl_s
+        self._by_fn: dict[Key, dict[str, tuple[int, int, float]]] = {}
+
+    def observe(self, load: ReplicaLoad, now: float) -> None:
+        """Record one report received at ``now``."""
+        key = (load.env, load.app, load.function)
+        self._by_fn.setdefault(key, {})[load.replica_id] = (max(0, load.busy), max(0, load.served), now)
+
+    def totals(self, key: Key, now: float) -> tuple[int, int]:
+        """``(running, taken)`` direct calls of ``key`` over the replicas heard from within the TTL.
+
+        >>> d = DirectLoads(ttl_s=3)
+        >>> d.observe(ReplicaLoad(replica_id="r1", env="e", app="a", function="f", busy=2, served=10), 0)
+        >>> d.observe(ReplicaLoad(replica_id="r2", env="e", app="a", function="f", busy=1, served=5), 1)
+        >>> d.totals(("e", "a", "f"), 2), d.totals(("e", "a", "f"), 3.5), d.totals(("e", "a", "g"), 0)
+        ((3, 15), (1, 5), (0, 0))
+        """
+        replicas = self._by_fn.get(key)
+        if not replicas:
+            return 0, 0
+        busy = served = 0
+        for replica, (b, n, at) in list(replicas.items()):
+            if now - at > self.ttl_s:
+                del replicas[replica]
+                continue
+            busy += b
+            served += n
+        if not replicas:
+            del self._by_fn[key]
+        return busy, served
+
+    def add_to(self, key: Key, load: ConsumerLoad, now: float) -> ConsumerLoad:
+        """``load`` (one read of the consumer) with the direct path's load of ``key`` added."""
+        busy, served = self.totals(key, now)
+        if not busy and not served:
+            return load
+        return ConsumerLoad(
+            pending=load.pending, ack_pending=load.ack_pending + busy, delivered=load.delivered + served
+        )
+
+
 def is_job(fn: FunctionSpec) -> bool:
     """Whether ``fn`` is an ``@app.job`` (its replica is placed per job, never scaled here)."""
     return getattr(fn, "job", None) is not None or fn.kind == "job"
@@ -182,6 +236,7 @@ class Autoscaler:
         idle_window_s: float = 60.0,
         max_starts: int = 8,
         clock: Callable[[], float] = time.monotonic,
+        direct: DirectLoads | None = None,
     ) -> None:
         self.control = control
         self.releases = releases
@@ -191,6 +246,8 @@ class Autoscaler:
         self.idle_window_s = idle_window_s
         self.max_starts = max_starts
         self.clock = clock
+        self.direct = direct if direct is not None else DirectLoads()
+        """Endpoint replicas' direct-path reports (fed by the router's listener, read with ``clock``'s times)."""
         self.fns: dict[Key, _Fn] = {}
         self._specs: dict[tuple[str, str], tuple[str, Release | None]] = {}
         self._stopping: set[str] = set()
@@ -315,6 +372,7 @@ class Autoscaler:
         for (key, st, running), load in zip(todo, loads, strict=True):
             if load is None or self.control.deploying(key[0], key[1]):
                 continue  # a deploy began while the loads were read: it owns the app's replicas now
+            load = self.direct.add_to(key, load, now)
             idle_s = st.idle.observe(load, now)
             decision = plan(
                 running=running,

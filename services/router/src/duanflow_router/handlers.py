@@ -18,7 +18,7 @@ from duanflow_proto import codec, subjects
 from duanflow_proto.errors import InvalidInputError, UnavailableError
 from duanflow_proto.messages.agent import CapacityReport, FleetReply
 from duanflow_proto.messages.common import HealthRequest
-from duanflow_proto.messages.invocation import PayloadUrlRequest
+from duanflow_proto.messages.invocation import PayloadUrlRequest, ReplicaLoad
 from duanflow_proto.messages.price import PriceList, PriceUpdate
 from duanflow_proto.messages.release import (
     AppStopRequest,
@@ -31,6 +31,7 @@ from duanflow_proto.messages.secret import SecretCreateRequest, SecretDeleteRequ
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
+from duanflow_router.autoscale import DirectLoads
 from duanflow_router.control import ControlPlane
 from duanflow_router.replica_setup import ReplicaSetup
 
@@ -200,3 +201,30 @@ class PriceListener:
             log.warning("dropping price update on %s: %s", msg.subject, exc)
             return
         self.control.apply_price(update)
+
+
+class ReplicaLoadListener:
+    """Plain subscriber to the endpoint replicas' direct-path reports (every router keeps the view; the leader's
+    autoscaler reads it). Garbage is logged once per subject and dropped."""
+
+    def __init__(self, loads: DirectLoads, clock: Callable[[], float] = time.monotonic) -> None:
+        self.loads = loads
+        self.clock = clock
+        self._warned: set[str] = set()
+
+    async def on_message(self, msg: Msg) -> None:
+        """Decode one report and record it."""
+        try:
+            load = codec.decode(msg.data, ReplicaLoad)
+            expected = subjects.replica_load(load.env, load.app, load.function)
+        except (InvalidInputError, ValueError) as exc:
+            if msg.subject not in self._warned:
+                self._warned.add(msg.subject)
+                log.warning("dropping replica load report on %s: %s", msg.subject, exc)
+            return
+        if expected != msg.subject:
+            if msg.subject not in self._warned:
+                self._warned.add(msg.subject)
+                log.warning("dropping replica load report on %s: it names %s", msg.subject, expected)
+            return
+        self.loads.observe(load, self.clock())

@@ -12,7 +12,15 @@ from typing import Any, Final
 from duanflow_kit import telemetry
 from duanflow_proto import codec, subjects
 from duanflow_proto.errors import DeadlineExceededError, DuanFlowError, InvalidInputError, UnavailableError
-from duanflow_proto.messages.invocation import HDR_CALL_ID, HDR_DEADLINE, HDR_REPLY, HEARTBEAT_S, Invocation, Result
+from duanflow_proto.messages.invocation import (
+    HDR_BUSY,
+    HDR_CALL_ID,
+    HDR_DEADLINE,
+    HDR_REPLY,
+    HEARTBEAT_S,
+    Invocation,
+    Result,
+)
 from duanflow_proto.messages.logs import LogLine
 from duanflow_proto.messages.release import RouteEntry
 from nats.aio.client import Client as NatsClient
@@ -50,6 +58,13 @@ class NatsInvoker:
     later.
     A call's messages (heartbeats, stream chunks, the result) queue up per call id. Once a replica has been heard
     from, silence longer than :data:`LIVENESS_S` means it died mid-request (502), not that it is slow.
+
+    The fast path: given the endpoint's ``direct`` subject, the call is first published there (core NATS, the
+    replicas' queue group), its reply subject ``<inbox>.<call>.ack``. A replica with a free slot runs it at once and
+    answers on the inbox as above, with no stream, no consumer and no ack on the way. A replica that cannot take it
+    (all slots busy, draining) answers ``Df-Busy``, and with no replica subscribed the server answers 503 (no
+    responders); either way nothing runs, and the call goes to the stream as described above (where the router
+    sees the backlog and scales up, or from zero).
     """
 
     def __init__(self, nc: NatsClient, js: JetStreamContext) -> None:
@@ -89,12 +104,19 @@ class NatsInvoker:
             call.push(msg.data)
 
     async def invoke(
-        self, subject: str, invocation: Invocation, timeout_s: float, trace_parent: Mapping[str, str] | None = None
+        self,
+        subject: str,
+        invocation: Invocation,
+        timeout_s: float,
+        trace_parent: Mapping[str, str] | None = None,
+        *,
+        direct: str = "",
     ) -> Result:
         """Publish ``invocation`` and wait up to ``timeout_s`` for its first answer.
 
         ``trace_parent``: the incoming request's headers; a W3C ``traceparent`` there is continued (the invoke span
-        is its child, and the context travels on in the NATS headers).
+        is its child, and the context travels on in the NATS headers). ``direct``: the endpoint's warm replicas'
+        subject, tried before ``subject`` (see the class).
 
         When that answer opens a stream (``stream`` and not ``final``), the call stays open: read the rest with
         :meth:`next` and end with :meth:`close`. Otherwise the call is closed already.
@@ -117,7 +139,14 @@ class NatsInvoker:
         try:
             # A lone request's call goes straight to the socket (a loop turn sooner); under load the flusher
             # sends many together.
-            if not (len(self._pending) == 1 and publish_now(self.nc, subject, data, headers)):
+            lone = len(self._pending) == 1
+            if direct:
+                call.direct = True
+                call.acked = True  # nothing to confirm: a replica took it, or Df-Busy / 503 sends it to the stream
+                ack = subjects.pub_ack(headers[HDR_REPLY])
+                if not (lone and publish_now(self.nc, direct, data, headers, reply=ack)):
+                    await self.nc.publish(direct, data, reply=ack, headers=headers)
+            elif not (lone and publish_now(self.nc, subject, data, headers)):
                 await self.nc.publish(subject, data, headers=headers)
             result = await self.next(call_id)
             keep = result.stream and not result.final
@@ -163,6 +192,9 @@ class NatsInvoker:
                     f"(silent for {LIVENESS_S:g}s): it probably crashed",
                     details={"function": call.invocation.function, "call_id": call_id},
                 )
+            if data is _TO_STREAM:
+                await self._to_stream(call)
+                continue
             if data is _STOPPED:
                 raise UnavailableError("the gateway is shutting down")
             if isinstance(data, DuanFlowError):
@@ -181,6 +213,16 @@ class NatsInvoker:
         """Forget a call (its remaining messages are dropped)."""
         self._pending.pop(call_id, None)
 
+    async def _to_stream(self, call: _Call) -> None:
+        """No replica took the direct call: publish it to the stream, as a call without a direct path goes."""
+        call.direct = False
+        call.acked = False
+        call.ack_by = asyncio.get_running_loop().time() + CONFIRM_AFTER_S
+        try:
+            await self.nc.publish(call.subject, call.data, headers=call.headers)
+        except Exception as exc:
+            raise UnavailableError(f"could not publish the call to {call.subject}: {exc}") from None
+
     async def _confirm(self, call: _Call) -> None:
         """Publish the call again (same ``Nats-Msg-Id``: stored at most once), now asking for its PubAck."""
         call.confirming = True
@@ -195,6 +237,8 @@ class NatsInvoker:
 
 _STOPPED: Final = object()
 _TIMEOUT: Final = object()
+_TO_STREAM: Final = object()
+"""Queued for a direct call no replica took (``Df-Busy``, or no responders): it goes to the stream."""
 _ACK_SUFFIX: Final = subjects.PUB_ACK_SUFFIX
 LIVENESS_S: Final = 6 * HEARTBEAT_S
 """Silence after which a replica that was running a call is taken for dead."""
@@ -209,6 +253,7 @@ class _Call:
         "confirming",
         "data",
         "deadline",
+        "direct",
         "headers",
         "heard",
         "invocation",
@@ -237,6 +282,8 @@ class _Call:
         self.ack_by = deadline - timeout_s + min(CONFIRM_AFTER_S, timeout_s)
         """Until the confirming publish: when to send it; after: when its PubAck is overdue."""
         self.confirming = False
+        self.direct = False
+        """Published to the endpoint's direct subject, and not (yet) to the stream."""
         self.acked = False
         self.heard = False
         self.last_heard = 0.0
@@ -252,8 +299,13 @@ class _Call:
         return self.queue.popleft() if self.queue else None
 
     def on_ack(self, msg: Msg) -> None:
-        """The stream's PubAck (or the server's 503 when no stream takes the subject)."""
+        """The stream's PubAck (or the server's 503 when no stream takes the subject); for a direct call, the
+        replica's ``Df-Busy`` or the server's 503 (no responders): nothing runs it, it goes to the stream."""
         headers = msg.headers or {}
+        if self.direct:
+            if headers.get(HDR_BUSY) or headers.get("Status") == "503":
+                self.push(_TO_STREAM)
+            return
         if headers.get("Status") == "503" or (not msg.data and headers.get("Status")):
             self.push(UnavailableError(f"the invocations stream does not take {self.subject}"))
             return
@@ -332,7 +384,7 @@ async def subscribe_direct(nc: NatsClient, subject: str, handler: Callable[[Msg]
     return await nc.subscribe(subject, cb=cb)
 
 
-def publish_now(nc: NatsClient, subject: str, payload: bytes, headers: dict[str, str]) -> bool:
+def publish_now(nc: NatsClient, subject: str, payload: bytes, headers: dict[str, str], *, reply: str = "") -> bool:
     """Write one message straight to the socket when nothing is queued or unsent before it (order holds).
 
     ``nc.publish`` queues the command for nats-py's flusher task, which writes it a loop turn later; on the request
@@ -347,7 +399,7 @@ def publish_now(nc: NatsClient, subject: str, payload: bytes, headers: dict[str,
     if writer is None or writer.transport.get_write_buffer_size():
         return False
     hdr = "".join([f"{k}: {v}\r\n" for k, v in headers.items()])
-    writer.write(command.hpub_cmd(subject, "", f"NATS/1.0\r\n{hdr}\r\n".encode(), payload))
+    writer.write(command.hpub_cmd(subject, reply, f"NATS/1.0\r\n{hdr}\r\n".encode(), payload))
     nc.stats["out_msgs"] += 1
     nc.stats["out_bytes"] += len(payload)
     return True
