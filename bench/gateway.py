@@ -281,12 +281,15 @@ def main() -> int:
             floor, floor_port = start_floor(root)
             procs.append(floor)
             note("measuring sequential latency")
+            replica = d.replicas[0].pid
+            seq0 = (cpu_s(floor.pid), time.process_time())
             floor_seq = asyncio.run(sequential(floor_port, args.requests))
+            seq1 = (cpu_s(floor.pid), time.process_time(), cpu_s(gw.pid), cpu_s(replica), cpu_s(d.nats.pid))
             gw_seq = asyncio.run(sequential(port, args.requests))
+            seq2 = (time.process_time(), cpu_s(gw.pid), cpu_s(replica), cpu_s(d.nats.pid))
             subject = subjects.direct(d.env, APP_NAME, "echo")
             nats_seq = asyncio.run(nats_invocations(d.nats.address, d.creds.service, subject, args.requests))
             note(f"measuring {args.connections} connections for {args.seconds}s each")
-            replica = d.replicas[0].pid
             cpu0 = (cpu_s(gw.pid), cpu_s(replica), cpu_s(floor.pid), time.process_time())
             floor_rps, floor_times = asyncio.run(concurrent(floor_port, args.connections, args.seconds))
             cpu1 = (cpu_s(gw.pid), cpu_s(replica), cpu_s(floor.pid), time.process_time(), cpu_s(d.nats.pid))
@@ -320,6 +323,19 @@ def main() -> int:
     emit("nats_invocation_p99", pct(nats_seq, 0.99) * ms, pct(floor_seq, 0.99) * ms, "ms", "")
     emit(f"c{args.connections}_throughput", gw_rps, floor_rps, "req/s", ">= 8000")
     emit(f"c{args.connections}_p99", pct(gw_times, 0.99) * ms, pct(floor_times, 0.99) * ms, "ms", "<= 15")
+    # CPU per sequential request: each process's own work on one request's path (the floor app's as the floor).
+    n_seq = len(gw_seq) + min(200, args.requests // 5)  # warm-up requests included
+    seq_floor = (seq1[0] - seq0[0]) / n_seq * 1e6
+    emit("sequential_gateway_cpu_per_request", (seq2[1] - seq1[2]) / n_seq * 1e6, seq_floor, "us", "")
+    emit("sequential_replica_cpu_per_request", (seq2[2] - seq1[3]) / n_seq * 1e6, seq_floor, "us", "")
+    emit("sequential_nats_server_cpu_per_request", (seq2[3] - seq1[4]) / n_seq * 1e6, seq_floor, "us", "")
+    emit(
+        "sequential_client_cpu_per_request",
+        (seq2[0] - seq1[1]) / n_seq * 1e6,
+        (seq1[1] - seq0[1]) / n_seq * 1e6,
+        "us",
+        "",
+    )
     # CPU per request (the 64-connection runs, warm-up included): where the time goes on a shared machine. The
     # gateway's, replica's and NATS server's figures have the floor app's as their floor.
     floor_n = floor_rps * (args.seconds + 0.5)

@@ -19,7 +19,7 @@ from duanflow._local import servers
 from duanflow_proto import codec, subjects
 from duanflow_proto.messages.invocation import ReplicaLoad
 from duanflow_proto.messages.logs import LogLine
-from fixtures.gateway_stack import Stack, deploy, gateway_stack, load_module
+from fixtures.gateway_stack import Stack, deploy, gateway_stack, load_module, start_replica
 from fixtures.waiting import eventually_sync
 from nats.aio.client import Client as NatsClient
 
@@ -158,6 +158,7 @@ def stack(
     module = load_module(path, module_name)
     with gateway_stack(nats_server, root, max_body_bytes="65536") as s:
         s.app = app_name  # type: ignore[attr-defined]
+        s.module, s.app_dir = module, app_dir  # type: ignore[attr-defined]
         deploy(s, module, app_dir)
         yield s
 
@@ -443,8 +444,11 @@ def test_a_draining_replica_finishes_its_direct_call_and_sends_new_ones_to_the_s
                 assert not first.done() and replica.poll() is None
                 gate.write_text("go")
                 assert (await first).text == "first"
-                second.cancel()
-            assert await asyncio.to_thread(replica.wait, 30) == 0
+                assert await asyncio.to_thread(replica.wait, 30) == 0
+                # The call in the stream is the next replica's.
+                module, app_dir = stack.module, stack.app_dir  # type: ignore[attr-defined]
+                await asyncio.to_thread(start_replica, stack, module, app_dir, "hold", {}, 1, 20)
+                assert (await second).text == "second"
         finally:
             await nc.close()
 

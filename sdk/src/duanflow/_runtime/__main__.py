@@ -7,12 +7,22 @@ import logging
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from duanflow import _telemetry
 from duanflow._runtime import job, logcapture, queue_worker
 from duanflow._runtime.config import ConfigError, RuntimeConfig
 from duanflow._runtime.worker import load_target, serve
+
+
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop where it is installed (the replica's hot path is loop bound), else asyncio's own."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def main() -> int:
@@ -39,12 +49,13 @@ def main() -> int:
     _telemetry.startup_phase("load code")
     _telemetry.setup_from_env(f"duanflow-replica-{config.app}")
     try:
-        if config.job_id:
-            asyncio.run(job.serve_job(config, target))
-        elif queue_worker.is_queue_worker(target.spec):
-            asyncio.run(queue_worker.serve(config, target))
-        else:
-            asyncio.run(serve(config, target))
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            if config.job_id:
+                runner.run(job.serve_job(config, target))
+            elif queue_worker.is_queue_worker(target.spec):
+                runner.run(queue_worker.serve(config, target))
+            else:
+                runner.run(serve(config, target))
     except Exception:
         print(f"duanflow runtime: replica {config.replica_id} failed:\n{traceback.format_exc()}", file=sys.stderr)
         return 1
