@@ -12,11 +12,13 @@ When nats-py's internals differ from what this expects, it falls back to an ordi
 
 Publishes: ``nc.publish`` queues the command and wakes nats-py's flusher task, which writes it on the next turn of
 the loop. :func:`publish_now` writes a message straight to the socket when nothing is queued before it (so the
-order of messages holds), saving that loop turn on the paths where one message is all that is waiting.
+order of messages holds), saving that loop turn on the paths where one message is all that is waiting;
+:func:`publish_soon` queues one for the flusher from a plain function, without a coroutine or a task.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -88,14 +90,49 @@ def publish_now(nc: Any, subject: str, payload: bytes, headers: dict[str, str] |
     writer = transport._io_writer
     if writer is None or writer.transport.get_write_buffer_size():
         return False
-    if headers:
-        hdr = "".join([f"{k}: {v}\r\n" for k, v in headers.items()])
-        writer.write(command.hpub_cmd(subject, "", f"NATS/1.0\r\n{hdr}\r\n".encode(), payload))
-    else:
-        writer.write(command.pub_cmd(subject, "", payload))
+    writer.write(_command(subject, payload, headers))
     nc.stats["out_msgs"] += 1
     nc.stats["out_bytes"] += len(payload)
     return True
+
+
+def publish_soon(nc: Any, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> bool:
+    """Queue one message for nats-py's flusher from a plain function (no coroutine, no task): it leaves with
+    everything else queued, in one write, on the loop's next turn.
+
+    Returns False, having queued nothing, when nats-py's internals are not what this expects, the connection is
+    not up, or its pending buffer is full: the caller then uses ``nc.publish`` from a task.
+    """
+    queue = getattr(nc, "_flush_queue", None)
+    if not isinstance(queue, asyncio.Queue) or not isinstance(getattr(nc, "_pending", None), list):
+        return False
+    cmd = _command(subject, payload, headers)
+    limit = nc._max_pending_size
+    if not nc.is_connected or (limit > 0 and nc._pending_data_size + len(cmd) > limit):
+        return False
+    if queue.empty():  # one wake-up of the flusher writes everything queued by then
+        if queue.full():
+            return False
+        queue.put_nowait(asyncio.get_running_loop().create_future())
+    nc._pending.append(cmd)  # the flusher swaps in a fresh list after each write: look it up every time
+    nc._pending_data_size += len(cmd)
+    nc.stats["out_msgs"] += 1
+    nc.stats["out_bytes"] += len(payload)
+    return True
+
+
+def more_to_read(nc: Any) -> bool:
+    """Whether the read that brought the message being handled brought more after it (nats-py's parser buffer
+    is not empty): its answer can then wait to leave with theirs."""
+    parser = getattr(nc, "_ps", None)
+    return bool(getattr(parser, "buf", None))
+
+
+def _command(subject: str, payload: bytes, headers: dict[str, str] | None) -> bytes:
+    if headers:
+        hdr = "".join([f"{k}: {v}\r\n" for k, v in headers.items()])
+        return command.hpub_cmd(subject, "", f"NATS/1.0\r\n{hdr}\r\n".encode(), payload)
+    return command.pub_cmd(subject, "", payload)
 
 
 async def withdraw(nc: Any, sub: Any, flush_s: float) -> bool:

@@ -78,6 +78,10 @@ class HttpCall:
 
     async def run(self) -> None:
         """Answer the call (every outcome, errors included, reaches the caller)."""
+        await self.beating(self._run())
+
+    async def beating(self, work: Awaitable[None]) -> None:
+        """Await ``work``, sending heartbeats once it outlives one interval."""
         # The heartbeat task starts only once the call outlives one interval: fast calls create no task at all.
         beats: list[asyncio.Task[None]] = []
 
@@ -86,7 +90,7 @@ class HttpCall:
 
         timer = asyncio.get_running_loop().call_later(HEARTBEAT_S, start_beating)
         try:
-            await self._run()
+            await work
         finally:
             timer.cancel()
             for task in beats:
@@ -96,39 +100,61 @@ class HttpCall:
 
     async def _run(self) -> None:
         try:
-            args, kwargs = self._arguments()
-        except DuanFlowError as exc:
-            await self._fail(exc.to_reply())
-            return
-        try:
-            value = await self._call(args, kwargs)
-        except TimeoutError:
-            await self._fail(self._timeout())
-            return
-        except DuanFlowError as exc:
-            await self._fail(exc.to_reply())
-            return
+            value = await self._call(*self._arguments())
         except Exception as exc:
-            from duanflow._runtime.worker import remote_error
-
-            await self._fail(remote_error(exc))
+            await self._fail(self._failure(exc))
             return
+        answer = self._answer_for(value)
+        if isinstance(answer, Result):
+            await self._send(answer)
+        else:
+            await self._stream(*answer)
+
+    def run_now(self) -> Awaitable[None] | None:
+        """Run the call on this thread, now, and answer it (the handler is sync and fast: see
+        ``Worker._serve_now``). Returns the rest of a streamed answer (a generator's chunks) to await, else None."""
+        worker = self.worker
+        try:
+            args, kwargs = self._arguments()
+            on_stuck = worker._stuck_reporter(self.inv, self.reply)
+            value = worker.call_inline(self.inv.method, worker.target.raw_f, args, kwargs, self._remaining(), on_stuck)
+        except Exception as exc:
+            self._send_now(self._result(ok=False, error=self._failure(exc)))
+            return None
+        answer = self._answer_for(value)
+        if isinstance(answer, Result):
+            self._send_now(answer)
+            return None
+        return self.beating(self._stream(*answer))
+
+    def _send_now(self, result: Result) -> None:
+        if self.reply:
+            self.worker.answer_now(self.reply, result)
+
+    def _failure(self, exc: Exception) -> ErrorReply:
+        """The error reply for what the call raised (a timeout, a DuanFlow error, or the user's own)."""
+        if isinstance(exc, TimeoutError):
+            return self._timeout()
+        if isinstance(exc, DuanFlowError):
+            return exc.to_reply()
+        from duanflow._runtime.worker import remote_error
+
+        return remote_error(exc)
+
+    def _answer_for(self, value: Any) -> Result | tuple[Any, int, dict[str, str], str]:
+        """The Result answering ``value``; for a generator (or a Response whose body is one), what to stream."""
         status, headers, media = 0, {}, ""
         if isinstance(value, Response):
             status, headers, media = value.status, value.headers, value.media_type or ""
             value = value.body
         if inspect.isgenerator(value) or inspect.isasyncgen(value):
-            await self._stream(value, status, headers, media)
-            return
+            return value, status, headers, media
         try:
             data, codec, kind_media = encode_value(value)
         except DuanFlowError as exc:
-            await self._fail(exc.to_reply())
-            return
-        await self._send(
-            self._result(
-                ok=True, value=data, codec=codec, status=status, headers=headers, media_type=media or kind_media
-            )
+            return self._result(ok=False, error=exc.to_reply())
+        return self._result(
+            ok=True, value=data, codec=codec, status=status, headers=headers, media_type=media or kind_media
         )
 
     def _arguments(self) -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -8,11 +8,12 @@ import contextlib
 import importlib
 import inspect
 import logging
+import math
 import signal
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final, cast
@@ -39,6 +40,7 @@ from duanflow_proto.messages.invocation import (
     HDR_BUSY,
     HDR_CALL_ID,
     HDR_REPLY,
+    HEARTBEAT_S,
     LOAD_REPORT_S,
     Invocation,
     InvocationBatch,
@@ -51,7 +53,7 @@ from nats.aio.msg import Msg
 
 from duanflow import _telemetry
 from duanflow._app import find_app
-from duanflow._inbox import publish_now, subscribe_direct, withdraw
+from duanflow._inbox import more_to_read, publish_now, publish_soon, subscribe_direct, withdraw
 from duanflow._payload import INLINE_MAX
 from duanflow._payload import fetch as fetch_payload
 from duanflow._payload import store as store_payload
@@ -74,11 +76,13 @@ RETRYABLE_CODES: Final = frozenset({"remote_error", "function_timeout"})
 PREFETCH: Final = 8
 """Messages a replica pulls ahead of its free slots while every call it ran lately was fast (inline)."""
 HEARTBEAT_FRACTION: Final = 3
+"""Inputs running longer than ``ack_wait / 3`` tell JetStream they are in progress that often (their lease)."""
 CANCELS_WAIT_S: Final = 2.0
 """How long a spawned call waits for the replica's view of cancelled calls before it runs anyway."""
 CANCELS_KEPT: Final = 100_000
 """Cancelled call ids remembered per replica (oldest forgotten first)."""
-"""Inputs running longer than ``ack_wait / 3`` tell JetStream they are in progress that often (their lease)."""
+STREAM_FIRST_S: Final = 0.1
+"""After an input came from the stream, direct calls go there too for this long (see :meth:`Worker._on_direct`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,9 +141,9 @@ class Worker:
         self._js: Any = None
         self._results_kv: Any = None
         self._busy = 0
+        """Inputs being run (each takes one of ``concurrency`` slots)."""
         self._backlog: collections.deque[Msg] = collections.deque()
         """Messages pulled ahead of a free slot (only while the function's calls are fast: see ``_free``)."""
-        """Messages being run (each takes one of ``concurrency`` slots)."""
         self._tg: asyncio.TaskGroup | None = None
         self._puller: Puller | None = None
         self._wake = asyncio.Event()
@@ -153,6 +157,8 @@ class Worker:
         self._direct_served = 0
         """Direct calls taken since start (reported to the router, which cannot see them in the consumer)."""
         self._spare: set[asyncio.Task[Any]] = set()
+        self._from_stream_at = -math.inf
+        """When an input last came from the stream (``time.monotonic()``)."""
         self._ack_wait_s = 30.0
         self._callables: dict[str, tuple[Callable[..., Any], bool, bool]] = {}
         self._executor = _executor(config.concurrency)
@@ -160,13 +166,13 @@ class Worker:
         """Per method: whether its sync calls are fast enough to run on the loop thread."""
         self._watchdog = Watchdog()
         self.takes_request = is_http_target(target.raw_f)
+        """True when the function wants the df.Request of HTTP calls (else the body's fields as kwargs)."""
         self._cancelled: dict[str, None] = {}
         """Ids of cancelled calls (the cancels bucket, watched); oldest first."""
         self._cancels_ready = asyncio.Event()
         """Set once the cancels bucket's current keys are in :attr:`_cancelled`."""
         self._active: dict[str, asyncio.Task[Any]] = {}
         """Spawned calls running now (the only ones ``FunctionCall.cancel()`` can name), by call id."""
-        """True when the function wants the df.Request of HTTP calls (else the body's fields as kwargs)."""
 
     def _replace_executor(self) -> None:
         """After a timed-out sync call: its thread cannot be stopped, so new inputs get a fresh pool."""
@@ -204,6 +210,7 @@ class Worker:
                 tg.create_task(msg.nak())
             self._wake.set()
             return
+        self._from_stream_at = time.monotonic()
         if self._busy < self.config.concurrency:
             self._busy += 1
             tg.create_task(self._run_one(msg))
@@ -213,34 +220,65 @@ class Worker:
     def _on_direct(self, msg: Msg) -> None:
         """A call on the endpoint's direct subject (in the read loop): run it in a free slot now, else answer
         ``Df-Busy`` and the gateway sends it to the stream. Never queued here: the router sees a backlog only in the
-        consumer, and the stream is where a backlog waits."""
+        consumer, and the stream is where a backlog waits.
+
+        While the stream hands this replica inputs (one came within :data:`STREAM_FIRST_S`), direct calls go to the
+        stream too: there they queue behind the calls that went before them, instead of taking each slot a finished
+        input frees in the moment its pull request is on its way.
+        """
         tg = self._tg
-        if tg is None or self.stopping.is_set() or self._busy >= self.config.concurrency or self._backlog:
-            if msg.reply and not publish_now(self._nc, msg.reply, b"", _BUSY):
-                task = asyncio.get_running_loop().create_task(self._nc.publish(msg.reply, b"", headers=_BUSY))
+        if (
+            tg is None
+            or self.stopping.is_set()
+            or self._busy >= self.config.concurrency
+            or self._backlog
+            or time.monotonic() - self._from_stream_at < STREAM_FIRST_S
+        ):
+            if msg.reply and not publish_soon(self._nc, msg.reply, b"", _BUSY):
+                task = asyncio.get_running_loop().create_task(self._publish_quietly(msg.reply, b"", _BUSY))
                 self._spare.add(task)
                 task.add_done_callback(self._spare.discard)
             return
         self._busy += 1
         self._direct_busy += 1
         self._direct_served += 1
-        tg.create_task(self._run_direct(msg))
+        if not self._serve_now(msg):
+            tg.create_task(self._run_one(msg, direct=True))
 
-    async def _run_direct(self, msg: Msg) -> None:
-        key = id(msg)
-        self._running[key] = (None, time.monotonic())
+    def _serve_now(self, msg: Msg) -> bool:
+        """Run a direct call at once, in this turn of the read loop, when its handler is a sync one that
+        :meth:`call_sync` would run inline anyway (recent calls fast, no input here near its heartbeat): no task and
+        no loop turn before the answer. False, having done nothing, otherwise."""
+        gate = self._gates.get("")  # endpoints are plain functions: their calls name no method
+        if self.is_async or gate is None or not gate.inline or self.oldest_running_s() >= HEARTBEAT_S:
+            return False
         try:
             with _telemetry.serving(msg, self.config.function):
-                await self.handle_direct(msg)
-        except Exception:
-            log.exception("direct call on %s could not be handled", msg.subject)
-        finally:
-            del self._running[key]
-            self._direct_busy -= 1
-            await self._slot_freed()
+                call = self._direct_call(msg)
+                rest = call.run_now() if call is not None else None
+        except BaseException as exc:  # SystemExit & co. from the handler: end the replica, as from a task
+            if self._tg is None:
+                raise
+            self._tg.create_task(_reraise(exc))
+            return True
+        if rest is not None and self._tg is not None:  # a generator's chunks: the slot stays taken until they end
+            self._tg.create_task(self._run_one(msg, direct=True, work=rest))
+            return True
+        self._busy -= 1
+        self._direct_busy -= 1
+        if self.stopping.is_set():
+            self._wake.set()
+        return True
 
     async def handle_direct(self, msg: Msg) -> None:
         """Run one direct (HTTP) call: answer its caller (``Df-Reply``); nothing to ack."""
+        call = self._direct_call(msg)
+        if call is not None:
+            await call.run()
+
+    def _direct_call(self, msg: Msg) -> HttpCall | None:
+        """The call a direct message carries; None when there is nothing to run (garbage, answered as such, or a
+        call past its deadline)."""
         headers = msg.headers or {}
         reply = headers.get(HDR_REPLY, "")
         started = time.monotonic()
@@ -251,12 +289,12 @@ class Worker:
         except InvalidInputError as exc:
             log.warning("malformed direct call on %s: %s", msg.subject, exc.message)
             if reply:
-                await self._answer(reply, Result(call_id=headers.get(HDR_CALL_ID, ""), ok=False, error=exc.to_reply()))
-            return
+                self.answer_now(reply, Result(call_id=headers.get(HDR_CALL_ID, ""), ok=False, error=exc.to_reply()))
+            return None
         if inv.deadline_ms and time.time() * 1000 > inv.deadline_ms:
             log.warning("call %s of %s arrived after its deadline: skipped", inv.call_id, self.config.function)
-            return
-        await HttpCall(self, inv, reply, started).run()
+            return None
+        return HttpCall(self, inv, reply, started)
 
     async def _report_load(self) -> None:
         """Tell the router what the direct path does, every ``LOAD_REPORT_S`` while it is in use."""
@@ -387,16 +425,23 @@ class Worker:
             with contextlib.suppress(Exception):
                 await self._nc.close()
 
-    async def _run_one(self, msg: Msg) -> None:
+    async def _run_one(self, msg: Msg, *, direct: bool = False, work: Awaitable[None] | None = None) -> None:
+        """Run one input in the slot taken for it: a message from the stream, or a direct call (no lease), or
+        ``work`` (the rest of a direct call begun by :meth:`_serve_now`)."""
         key = id(msg)
-        self._running[key] = (msg, time.monotonic())
+        self._running[key] = (None if direct else msg, time.monotonic())
         try:
+            if work is not None:
+                await work
+                return
             with _telemetry.serving(msg, self.config.function):
-                await self.handle(msg)
+                await (self.handle_direct(msg) if direct else self.handle(msg))
         except Exception:
             log.exception("input on %s could not be handled", msg.subject)
         finally:
             del self._running[key]
+            if direct:
+                self._direct_busy -= 1
             await self._slot_freed()
 
     async def _slot_freed(self) -> None:
@@ -581,18 +626,9 @@ class Worker:
         gate = self._gates.get(key)
         if gate is None:
             gate = self._gates[key] = Gate()
-        t0 = time.monotonic()
         if gate.inline and inline_ok:
-            try:
-                value = self._watchdog.call(fn, args, kwargs, limit_s, on_stuck)
-            except InlineTimeout:
-                gate.record(limit_s)
-                raise TimeoutError from None
-            except BaseException:
-                gate.record(time.monotonic() - t0)
-                raise
-            gate.record(time.monotonic() - t0)
-            return value
+            return self.call_inline(key, fn, args, kwargs, limit_s, on_stuck)
+        t0 = time.monotonic()
         loop = asyncio.get_running_loop()
         try:
             value = await asyncio.wait_for(loop.run_in_executor(self._executor, _call, fn, args, kwargs), limit_s)
@@ -602,6 +638,32 @@ class Worker:
                 log.warning("a call of %s timed out; its thread runs on, detached", self.config.function)
             self._replace_executor()
             raise
+        except BaseException:
+            gate.record(time.monotonic() - t0)
+            raise
+        gate.record(time.monotonic() - t0)
+        return value
+
+    def call_inline(
+        self,
+        key: str,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        limit_s: float,
+        on_stuck: Callable[[], None],
+    ) -> Any:
+        """``fn(*args, **kwargs)`` on this (the loop's) thread under the watchdog, its time noted in the gate of
+        ``key``. Raises TimeoutError past ``limit_s``."""
+        gate = self._gates.get(key)
+        if gate is None:
+            gate = self._gates[key] = Gate()
+        t0 = time.monotonic()
+        try:
+            value = self._watchdog.call(fn, args, kwargs, limit_s, on_stuck)
+        except InlineTimeout:
+            gate.record(limit_s)
+            raise TimeoutError from None
         except BaseException:
             gate.record(time.monotonic() - t0)
             raise
@@ -743,7 +805,8 @@ class Worker:
             duration_us=int((time.monotonic() - started) * 1e6),
         )
 
-    async def _answer(self, reply: str, result: Result) -> None:
+    def _result_bytes(self, result: Result) -> bytes:
+        """``result`` encoded, or an error saying it is too large for one message."""
         data = codec.encode(result)
         if len(data) > self._nc.max_payload:
             too_large = PayloadTooLargeError(
@@ -754,6 +817,28 @@ class Worker:
             data = codec.encode(
                 Result(call_id=result.call_id, ok=False, error=too_large.to_reply(), replica_id=self.config.replica_id)
             )
+        return data
+
+    def answer_now(self, reply: str, result: Result) -> None:
+        """:meth:`_answer` from a plain function: written at once when that keeps order, else by a task."""
+        data = self._result_bytes(result)
+        headers = _telemetry.result_headers()
+        # Straight to the socket only when nothing else is on its way: calls read together answer together.
+        alone = self._busy <= 1 and not self._backlog and not more_to_read(self._nc)
+        if (alone and publish_now(self._nc, reply, data, headers)) or publish_soon(self._nc, reply, data, headers):
+            return
+        task = asyncio.get_running_loop().create_task(self._publish_quietly(reply, data, headers))
+        self._spare.add(task)
+        task.add_done_callback(self._spare.discard)
+
+    async def _publish_quietly(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
+        try:
+            await self._nc.publish(subject, data, headers=headers)
+        except Exception as exc:
+            log.warning("could not answer %s: %s", subject, exc)
+
+    async def _answer(self, reply: str, result: Result) -> None:
+        data = self._result_bytes(result)
         try:
             # A lone call's result goes straight to the socket: the caller has it a loop turn sooner (the ack
             # follows). With other inputs running, nats-py's flusher sends results together (fewer writes).
@@ -797,6 +882,10 @@ def remote_error(exc: BaseException) -> ErrorReply:
 
 
 _BUSY: Final = {HDR_BUSY: "1"}
+
+
+async def _reraise(exc: BaseException) -> None:
+    raise exc
 
 
 def _executor(concurrency: int) -> ThreadPoolExecutor:
