@@ -64,7 +64,7 @@ if [ "${1:-}" = "--check-lock" ]; then
 fi
 
 if [ "${1:-}" = "--peers" ]; then
-    uv_cmd sync --all-packages --frozen --extra peers --python "$PYTHON" \
+    uv_cmd sync --all-packages --frozen --compile-bytecode --extra peers --python "$PYTHON" \
         || echo "warning: the peers extra (ray, celery, redis) could not be installed: the bench skips them" >&2
     if ! command -v redis-server >/dev/null 2>&1; then
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -81,4 +81,9 @@ fi
 
 # --frozen: install exactly what uv.lock says (`make lint` checks that the lock matches the pyproject files).
 # The dev group (pytest, ruff, mypy, ...) is uv's default group, so it comes along.
-uv_cmd sync --all-packages --frozen --python "$PYTHON"
+# --compile-bytecode, and compileall for the workspace's own (editable) sources: every replica, service and CLI
+# start imports hundreds of modules, and where PYTHONDONTWRITEBYTECODE is set nothing would ever cache their
+# bytecode (a replica's imports: 0.28 s compiled from source each time, 0.15 s from bytecode). Already compiled
+# files are skipped, so a re-run costs little.
+uv_cmd sync --all-packages --frozen --compile-bytecode --python "$PYTHON"
+.venv/bin/python -m compileall -q -j 0 proto/src sdk/src services/*/src >/dev/null

@@ -235,9 +235,7 @@ class Worker:
             or time.monotonic() - self._from_stream_at < STREAM_FIRST_S
         ):
             if msg.reply and not publish_soon(self._nc, msg.reply, b"", _BUSY):
-                task = asyncio.get_running_loop().create_task(self._publish_quietly(msg.reply, b"", _BUSY))
-                self._spare.add(task)
-                task.add_done_callback(self._spare.discard)
+                self._publish_later(msg.reply, b"", _BUSY)
             return
         self._busy += 1
         self._direct_busy += 1
@@ -827,7 +825,11 @@ class Worker:
         alone = self._busy <= 1 and not self._backlog and not more_to_read(self._nc)
         if (alone and publish_now(self._nc, reply, data, headers)) or publish_soon(self._nc, reply, data, headers):
             return
-        task = asyncio.get_running_loop().create_task(self._publish_quietly(reply, data, headers))
+        self._publish_later(reply, data, headers)
+
+    def _publish_later(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
+        """Publish from a task (a plain function's fallback when the message cannot be queued at once)."""
+        task = asyncio.get_running_loop().create_task(self._publish_quietly(subject, data, headers))
         self._spare.add(task)
         task.add_done_callback(self._spare.discard)
 

@@ -88,7 +88,7 @@ def render(spec: ImageSpec, *, base: str = "", uv_image: str = UV_IMAGE) -> str:
         ]
     if spec.pip:
         pkgs = " ".join(shlex.quote(p) for p in spec.pip)
-        lines.append(f"RUN uv pip install --python {VENV}/bin/python {pkgs}")
+        lines.append(f"RUN uv pip install --compile-bytecode --python {VENV}/bin/python {pkgs}")
     lines += [f"RUN {command}" for command in spec.commands]
     for key in sorted(spec.env):
         lines.append(f"ENV {key}={json.dumps(spec.env[key])}")

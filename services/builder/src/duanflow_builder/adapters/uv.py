@@ -57,7 +57,16 @@ class UvVenvBuilder:
                 async with asyncio.timeout(self._timeout_s):
                     await self._run([self._uv, "venv", "--relocatable", "--python", python, str(venv)], emit)
                     await self._run(
-                        [self._uv, "pip", "install", "--python", str(venv / "bin" / "python"), *spec.pip], emit
+                        [
+                            self._uv,
+                            "pip",
+                            "install",
+                            "--compile-bytecode",  # the replicas' imports read bytecode instead of compiling
+                            "--python",
+                            str(venv / "bin" / "python"),
+                            *spec.pip,
+                        ],
+                        emit,
                     )
             except TimeoutError:
                 raise BuildFailedError(f"the build ran past its {self._timeout_s:.0f}s limit") from None
