@@ -621,9 +621,7 @@ class Worker:
         A pooled call that times out or is cancelled cannot be stopped: its thread runs on, detached, and new inputs
         get a fresh pool.
         """
-        gate = self._gates.get(key)
-        if gate is None:
-            gate = self._gates[key] = Gate()
+        gate = self._gate(key)
         if gate.inline and inline_ok:
             return self.call_inline(key, fn, args, kwargs, limit_s, on_stuck)
         t0 = time.monotonic()
@@ -642,6 +640,12 @@ class Worker:
         gate.record(time.monotonic() - t0)
         return value
 
+    def _gate(self, key: str) -> Gate:
+        gate = self._gates.get(key)
+        if gate is None:
+            gate = self._gates[key] = Gate()
+        return gate
+
     def call_inline(
         self,
         key: str,
@@ -653,9 +657,7 @@ class Worker:
     ) -> Any:
         """``fn(*args, **kwargs)`` on this (the loop's) thread under the watchdog, its time noted in the gate of
         ``key``. Raises TimeoutError past ``limit_s``."""
-        gate = self._gates.get(key)
-        if gate is None:
-            gate = self._gates[key] = Gate()
+        gate = self._gate(key)
         t0 = time.monotonic()
         try:
             value = self._watchdog.call(fn, args, kwargs, limit_s, on_stuck)
