@@ -21,12 +21,15 @@ from typing import Any
 
 import asyncpg
 import duanflow as df
+import msgspec
 import pytest
 from duanflow import _client
 from duanflow._local import servers
+from duanflow_gateway.adapters.nats import NatsInvoker
 from duanflow_proto import codec, subjects
 from duanflow_proto.errors import NoCapacityError
 from duanflow_proto.messages.common import HealthReply, HealthRequest
+from duanflow_proto.messages.invocation import CODEC_JSON, Invocation
 from duanflow_proto.messages.release import DeployReply, DeployRequest
 from duanflow_proto.messages.scheduler import SchedulerDecision
 from duanflow_router.app import RouterApp, build_app
@@ -61,7 +64,8 @@ def slow(job):
 
 
 @pytest.fixture
-async def router(infra: Any, unique: str, nc_service: Any) -> AsyncIterator[RouterApp]:
+async def router(infra: Any, unique: str, nc_service: Any, request: pytest.FixtureRequest) -> AsyncIterator[RouterApp]:
+    overrides: dict[str, Any] = getattr(request, "param", {})  # indirect parametrization: other settings
     settings = Settings(
         nats_url=infra.nats_url,
         nats_user="service",
@@ -78,6 +82,7 @@ async def router(infra: Any, unique: str, nc_service: Any) -> AsyncIterator[Rout
         autoscale_interval_s=0.2,
         idle_window_s=1.0,
     )
+    settings = msgspec.structs.replace(settings, **overrides)
     app = build_app(settings)
     task = asyncio.create_task(app.run())
 
@@ -231,5 +236,115 @@ async def test_functions_scale_to_zero_back_from_zero_and_up_on_backlog(
         # and back to zero once idle
         await eventually(at_zero, timeout=30, interval=0.1)
     finally:
+        await sub.unsubscribe()
+        sys.path.remove(str(src_dir))
+
+
+ENDPOINT_SOURCE = """
+import os
+import time
+
+import duanflow as df
+
+app = df.App("{app}")
+
+
+@app.endpoint(method="POST", path="/{app}/work", scale_to=2, timeout=30)
+def work(ms: int = 0):
+    time.sleep(ms / 1000)
+    return os.getpid()
+"""
+
+
+@pytest.mark.parametrize("router", [{"idle_window_s": 3.0}], indirect=True)
+async def test_an_endpoint_stays_warm_on_direct_calls_scales_on_busy_ones_and_from_zero(
+    router: RouterApp, agent: Agent, client_env: str, nc_service: Any, unique: str, tmp_path: Path
+) -> None:
+    """Through the gateway's own invoker: direct calls to the warm replica keep it from being idled away (the
+    consumer never sees them), calls it is too busy for go to the stream and scale the endpoint up, and with no
+    replica the call goes to the stream and starts one."""
+    env, app_name = client_env, f"ep-{unique}"
+    src_dir = tmp_path / "src"
+    src_dir.mkdir()
+    module_name = f"endpoint_app_{unique}"
+    src = src_dir / f"{module_name}.py"
+    src.write_text(textwrap.dedent(ENDPOINT_SOURCE.format(app=app_name)))
+    sys.path.insert(0, str(src_dir))
+    decisions: list[SchedulerDecision] = []
+
+    async def on_decision(msg: Any) -> None:
+        decision = codec.decode(msg.data, SchedulerDecision)
+        if decision.app == app_name:
+            decisions.append(decision)
+
+    sub = await nc_service.subscribe(subjects.event("scheduler", "decision"), cb=on_decision)
+    invoker = NatsInvoker(nc_service, nc_service.jetstream())
+    await invoker.start()
+    try:
+        module = importlib.import_module(module_name)
+        spec = module.app.build_spec(module=module_name)
+        data = bundle_of(src)
+        key, digest = await upload_bundle(nc_service, data)
+
+        async def deployed() -> DeployReply | None:
+            request = DeployRequest(spec=spec, env=env, bundle_key=key, bundle_digest=digest)
+            try:
+                reply: DeployReply = await call(nc_service, subjects.API_DEPLOY, request, DeployReply, timeout=120)
+            except NoCapacityError:
+                return None
+            return reply
+
+        await eventually(deployed, timeout=60, interval=0.5)
+        consumer = subjects.consumer_name(env, app_name, "work")
+        calls = iter(range(1_000_000))
+
+        async def work(ms: int) -> int:
+            args = msgspec.json.encode({"args": [], "kwargs": {"ms": ms}})
+            invocation = Invocation(
+                call_id=f"fc-{unique}-{next(calls)}",
+                function="work",
+                args=args,
+                codec=CODEC_JSON,
+                deadline_ms=int((time.time() + 60) * 1000),
+            )
+            result = await invoker.invoke(
+                subjects.invocation(env, app_name, "work"),
+                invocation,
+                60,
+                direct=subjects.direct(env, app_name, "work"),
+            )
+            assert result.ok, result.error
+            return int(msgspec.json.decode(result.value))
+
+        async def delivered() -> int:
+            info = await nc_service.jetstream().consumer_info(subjects.STREAM_INVOCATIONS, consumer)
+            return int(info.delivered.consumer_seq or 0) if info.delivered else 0
+
+        # Twice the idle window of direct calls: the replica stays, and the consumer never saw a call.
+        await work(0)
+        before, pids = await delivered(), set()
+        end = time.monotonic() + 6.0
+        while time.monotonic() < end:
+            pids.add(await work(0))
+            await asyncio.sleep(0.2)
+        assert len(pids) == 1 and await delivered() == before
+        assert not [d for d in decisions if d.outcome == "scale_down"], decisions
+
+        # More at once than one replica (concurrency 1) takes: the rest go to the stream, a backlog, a second one.
+        pids = set(await asyncio.gather(*(work(400) for _ in range(12))))
+        ups = [d for d in decisions if d.outcome == "scale_up"]
+        assert ups and any(d.reason.startswith("backlog") for d in ups), decisions
+        assert await delivered() > before
+
+        # Idle: to zero; a call then finds no replica (no responders), goes to the stream and starts one.
+        async def at_zero() -> bool:
+            return not replicas_of(router, app_name, "work")
+
+        await eventually(at_zero, timeout=60, interval=0.1)
+        assert await work(0) not in pids
+        ups = [d for d in decisions if d.outcome == "scale_up"]
+        assert ups[-1].reason.startswith("scale from zero"), ups
+    finally:
+        await invoker.stop()
         await sub.unsubscribe()
         sys.path.remove(str(src_dir))
