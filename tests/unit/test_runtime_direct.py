@@ -8,6 +8,7 @@ from typing import Any
 
 from duanflow._inbox import more_to_read, publish_soon
 from duanflow._runtime.config import RuntimeConfig
+from duanflow._runtime.pull import Puller
 from duanflow._runtime.worker import Target, Worker
 from duanflow_proto.messages.release import FunctionSpec
 from nats.aio.msg import Msg
@@ -130,3 +131,17 @@ def test_more_to_read_sees_the_rest_of_the_read() -> None:
     assert not more_to_read(nc)
     nc._ps.buf.extend(b"MSG x 1 2\r\n")
     assert more_to_read(nc) and not more_to_read(object())
+
+
+async def test_ack_next_now_asks_for_the_free_slots_or_undoes_its_credit() -> None:
+    nc = Flushed()
+    nc.new_inbox = lambda: "_INBOX.p"  # type: ignore[attr-defined]
+    puller = Puller(nc, "DUANFLOW_INV", "fn_main_a_f", lambda msg: None)
+    puller._inbox, puller._sub = "_INBOX.p", object()
+    done = Msg(None, subject="duanflow.inv.main.a.f", reply="$JS.ACK.x.1")  # type: ignore[arg-type]
+    assert puller.ack_next_now(done, 2) and puller.credit == 2
+    cmd = nc._pending[-1]
+    assert cmd.startswith(b"PUB $JS.ACK.x.1 _INBOX.p.1 ") and b"+NXT " in cmd and b'"batch": 2' in cmd
+    assert puller.ack_next_now(done, 2) and nc._pending[-1] == b"PUB $JS.ACK.x.1  0\r\n\r\n"  # a plain ack
+    nc._max_pending_size = 1  # the flusher's buffer is full: nothing sent, nothing owed
+    assert not puller.ack_next_now(done, 5) and puller.credit == 2

@@ -96,7 +96,9 @@ def publish_now(nc: Any, subject: str, payload: bytes, headers: dict[str, str] |
     return True
 
 
-def publish_soon(nc: Any, subject: str, payload: bytes, headers: dict[str, str] | None = None) -> bool:
+def publish_soon(
+    nc: Any, subject: str, payload: bytes, headers: dict[str, str] | None = None, *, reply: str = ""
+) -> bool:
     """Queue one message for nats-py's flusher from a plain function (no coroutine, no task): it leaves with
     everything else queued, in one write, on the loop's next turn.
 
@@ -106,7 +108,7 @@ def publish_soon(nc: Any, subject: str, payload: bytes, headers: dict[str, str] 
     queue = getattr(nc, "_flush_queue", None)
     if not isinstance(queue, asyncio.Queue) or not isinstance(getattr(nc, "_pending", None), list):
         return False
-    cmd = _command(subject, payload, headers)
+    cmd = _command(subject, payload, headers, reply)
     limit = nc._max_pending_size
     if not nc.is_connected or (limit > 0 and nc._pending_data_size + len(cmd) > limit):
         return False
@@ -128,11 +130,11 @@ def more_to_read(nc: Any) -> bool:
     return bool(getattr(parser, "buf", None))
 
 
-def _command(subject: str, payload: bytes, headers: dict[str, str] | None) -> bytes:
+def _command(subject: str, payload: bytes, headers: dict[str, str] | None, reply: str = "") -> bytes:
     if headers:
         hdr = "".join([f"{k}: {v}\r\n" for k, v in headers.items()])
-        return command.hpub_cmd(subject, "", f"NATS/1.0\r\n{hdr}\r\n".encode(), payload)
-    return command.pub_cmd(subject, "", payload)
+        return command.hpub_cmd(subject, reply, f"NATS/1.0\r\n{hdr}\r\n".encode(), payload)
+    return command.pub_cmd(subject, reply, payload)
 
 
 async def withdraw(nc: Any, sub: Any, flush_s: float) -> bool:

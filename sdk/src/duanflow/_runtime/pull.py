@@ -27,7 +27,7 @@ from typing import Any, Final
 from duanflow_proto import subjects
 from nats.aio.msg import Msg
 
-from duanflow._inbox import subscribe_direct, withdraw
+from duanflow._inbox import publish_soon, subscribe_direct, withdraw
 
 log = logging.getLogger("duanflow.runtime.pull")
 
@@ -140,6 +140,19 @@ class Puller:
             return
         reply = self._register(want)
         await self._nc.publish(msg.reply, ACK_NEXT + self._body(want), reply=reply)
+
+    def ack_next_now(self, msg: Msg, free: int) -> bool:
+        """:meth:`ack_next` from a plain function (queued for the connection's flusher); False, having sent
+        nothing, when it cannot be queued that way: use :meth:`ack_next`."""
+        want = free - self.credit
+        if want <= 0 or self._sub is None or self.draining:
+            return publish_soon(self._nc, msg.reply, b"")
+        reply = self._register(want)
+        if publish_soon(self._nc, msg.reply, ACK_NEXT + self._body(want), reply=reply):
+            return True
+        self._open.pop(reply.rsplit(".", 1)[1], None)  # never sent: its expiry entry is dropped when it comes due
+        self.credit -= want
+        return False
 
     def _register(self, want: int) -> str:
         token = f"{next(self._ids):x}"

@@ -213,9 +213,82 @@ class Worker:
         self._from_stream_at = time.monotonic()
         if self._busy < self.config.concurrency:
             self._busy += 1
-            tg.create_task(self._run_one(msg))
+            if not self._run_now(msg):
+                tg.create_task(self._run_one(msg))
         else:
             self._backlog.append(msg)
+
+    def _run_now(self, msg: Msg) -> bool:
+        """Run a plain call of a fast sync function in this turn of the read loop: decoded, run inline under the
+        watchdog (as :meth:`call_sync` would), answered and acked from here, with no task and no loop turn before
+        its result. False, having done nothing, for anything else (batches, spawns, payloads in S3, async, slow or
+        generator functions, garbage): :meth:`handle` runs it from a task.
+
+        A failure that is to be retried is handed back from a task (its delay); so is a result too large for one
+        message (it goes through S3 first).
+        """
+        tg = self._tg
+        if tg is None:
+            return False
+        started = time.monotonic()
+        try:
+            inv = codec.decode(msg.data, Invocation)
+        except InvalidInputError:
+            return False
+        if inv.codec != CODEC_CLOUDPICKLE or inv.payload_ref or inv.keep_result:
+            return False
+        if inv.deadline_ms and time.time() * 1000 > inv.deadline_ms:
+            return False
+        try:
+            fn, is_async, is_gen = self._callable(inv.method)
+            if is_async or is_gen or not self._gate(inv.method).inline:
+                return False
+            args, kwargs = self._arguments(inv)
+        except DuanFlowError:
+            return False
+        reply = (msg.headers or {}).get(HDR_REPLY, "")
+        with _telemetry.serving(msg, self.config.function):
+            try:
+                on_stuck = self._stuck_reporter(inv, reply)
+                value = self.call_inline(inv.method, fn, args, kwargs, self.config.timeout_s, on_stuck)
+            except Exception as exc:
+                result: Result | bytes = self._error(inv, self._failure(inv, exc), started)
+            except BaseException as exc:  # SystemExit & co. from the function: end the replica, as from a task
+                tg.create_task(_reraise(exc))
+                return True
+            else:
+                result = self._success(inv, value, started)
+            if isinstance(result, Result) and self._retry_delay(msg, result) is None:
+                if reply:
+                    self.answer_now(reply, result)
+                if self._puller is not None and self._puller.ack_next_now(msg, self._free() + 1):
+                    self._busy -= 1
+                    if self.stopping.is_set():
+                        self._wake.set()
+                    elif self._backlog:
+                        self._busy += 1
+                        tg.create_task(self._run_one(self._backlog.popleft()))
+                    return True
+                rest = self._ack(msg)
+            else:
+                rest = self._finish(msg, inv, result, started, reply)
+        tg.create_task(self._run_one(msg, work=rest))
+        return True
+
+    async def _finish(self, msg: Msg, inv: Invocation, result: Result | bytes, started: float, reply: str) -> None:
+        """The rest of a call :meth:`_run_now` ran: its result through S3, its retry, or its ack."""
+        if not isinstance(result, Result):
+            result = await self._through_s3(inv, result, started)
+        delay = self._retry_delay(msg, result)
+        if delay is not None:
+            log.warning(
+                "call %s failed (%s); retrying in %.1fs", inv.call_id, result.error and result.error.code, delay
+            )
+            await msg.nak(delay=delay)
+            return
+        if reply:
+            await self._answer(reply, result)
+        await self._ack(msg)
 
     def _on_direct(self, msg: Msg) -> None:
         """A call on the endpoint's direct subject (in the read loop): run it in a free slot now, else answer
@@ -695,14 +768,26 @@ class Worker:
                 value = await asyncio.wait_for(fn(*args, **kwargs), timeout)
             else:
                 value = await self.call_sync(inv.method, fn, args, kwargs, timeout, self._stuck_reporter(inv, reply))
-        except TimeoutError:
-            err = FunctionTimeoutError(
+        except Exception as exc:
+            return self._error(inv, self._failure(inv, exc), started)
+        result = self._success(inv, value, started)
+        if isinstance(result, Result):
+            return result
+        return await self._through_s3(inv, result, started)
+
+    def _failure(self, inv: Invocation, exc: Exception) -> ErrorReply:
+        """The error reply for what a call raised: its timeout (TimeoutError), or the user's own exception."""
+        if isinstance(exc, TimeoutError):
+            timeout = self.config.timeout_s
+            return FunctionTimeoutError(
                 f"{self.config.function} ran past its timeout of {timeout:g}s",
                 details={"call_id": inv.call_id, "timeout_s": f"{timeout:g}"},
-            )
-            return self._error(inv, err.to_reply(), started)
-        except Exception as exc:
-            return self._error(inv, remote_error(exc), started)
+            ).to_reply()
+        return remote_error(exc)
+
+    def _success(self, inv: Invocation, value: Any, started: float) -> Result | bytes:
+        """The Result carrying ``value``; its pickled bytes instead when they are too large for a message (they go
+        through S3: :meth:`_through_s3`)."""
         try:
             if inv.codec == CODEC_JSON:
                 data, out_codec = msgspec.json.encode(value), CODEC_JSON
@@ -713,12 +798,18 @@ class Worker:
                 f"the return value of {self.config.function} ({type(value).__name__}) cannot be serialized: {exc}"
             )
             return self._error(inv, bad.to_reply(), started)
-        ref = None
         if len(data) > INLINE_MAX and out_codec == CODEC_CLOUDPICKLE:
-            try:
-                ref, data = await store_payload(self._nc, data), b""
-            except DuanFlowError as exc:
-                return self._error(inv, exc.to_reply(), started)
+            return data
+        return self._ok(inv, data, out_codec, None, started)
+
+    async def _through_s3(self, inv: Invocation, data: bytes, started: float) -> Result:
+        try:
+            ref = await store_payload(self._nc, data)
+        except DuanFlowError as exc:
+            return self._error(inv, exc.to_reply(), started)
+        return self._ok(inv, b"", CODEC_CLOUDPICKLE, ref, started)
+
+    def _ok(self, inv: Invocation, data: bytes, out_codec: str, ref: str | None, started: float) -> Result:
         return Result(
             call_id=inv.call_id,
             ok=True,
