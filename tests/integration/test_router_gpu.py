@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import io
 import time
 import urllib.request
 from collections.abc import AsyncIterator
@@ -185,9 +186,22 @@ async def running(settings: Settings) -> AsyncIterator[RouterApp]:
         yield app
     finally:
         task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=STOP_WITHIN_S)
+        if not done:  # say where it hangs (a hang shows only this test's own wait otherwise)
+            stacks = []
+            for other in asyncio.all_tasks():
+                if other is not asyncio.current_task() and not other.done():
+                    out = io.StringIO()
+                    other.print_stack(file=out)
+                    stacks.append(out.getvalue())
+            pytest.fail(f"the router did not stop within {STOP_WITHIN_S:g}s; tasks left:\n" + "\n".join(stacks))
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await app.service.broker.stop()
+
+
+STOP_WITHIN_S = 30.0
+"""A router's shutdown takes seconds (its Postgres pool closes within 10 s); longer is a hang."""
 
 
 async def leading(app: RouterApp) -> bool:

@@ -276,11 +276,13 @@ class Worker:
         return True
 
     async def _finish(self, msg: Msg, inv: Invocation, result: Result | bytes, started: float, reply: str) -> None:
-        """The rest of a call :meth:`_run_now` ran: its result through S3, its retry, or its ack."""
+        """After a call ran: its result (through S3 first when too large), kept for a spawn, then the ack; or, for a
+        failure with retries left, the message handed back with the retry's delay."""
         if not isinstance(result, Result):
             result = await self._through_s3(inv, result, started)
         delay = self._retry_delay(msg, result)
         if delay is not None:
+            # The caller keeps waiting: it hears only the last attempt's outcome.
             log.warning(
                 "call %s failed (%s); retrying in %.1fs", inv.call_id, result.error and result.error.code, delay
             )
@@ -288,6 +290,8 @@ class Worker:
             return
         if reply:
             await self._answer(reply, result)
+        if inv.keep_result:
+            await self._keep(inv.call_id, result)
         await self._ack(msg)
 
     def _on_direct(self, msg: Msg) -> None:
@@ -576,19 +580,7 @@ class Worker:
             result = await self._execute_cancellable(inv, args, kwargs, started, reply)
         else:
             result = await self._execute(inv, args, kwargs, started, reply)
-        delay = self._retry_delay(msg, result)
-        if delay is not None:
-            # The caller keeps waiting: it hears only the last attempt's outcome.
-            log.warning(
-                "call %s failed (%s); retrying in %.1fs", inv.call_id, result.error and result.error.code, delay
-            )
-            await msg.nak(delay=delay)
-            return
-        if reply:
-            await self._answer(reply, result)
-        if inv.keep_result:
-            await self._keep(inv.call_id, result)
-        await self._ack(msg)
+        await self._finish(msg, inv, result, started, reply)
 
     async def _watch_cancels(self) -> None:
         """Follow the cancels bucket: remember cancelled call ids and stop the ones running here."""
