@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
-from duanflow_proto.errors import DeserializationError, DuanFlowError, FunctionTimeoutError, InvalidInputError
+from duanflow_proto.errors import DeserializationError, DuanFlowError, InvalidInputError
 from duanflow_proto.messages.common import ErrorReply
 from duanflow_proto.messages.invocation import CODEC_BYTES, CODEC_JSON, HEARTBEAT_S, Invocation, Result
 from nats.aio.msg import Msg
@@ -132,14 +132,11 @@ class HttpCall:
             self.worker.answer_now(self.reply, result)
 
     def _failure(self, exc: Exception) -> ErrorReply:
-        """The error reply for what the call raised (a timeout, a DuanFlow error, or the user's own)."""
-        if isinstance(exc, TimeoutError):
-            return self._timeout()
+        """The error reply for what the call raised (a DuanFlow error, e.g. bad input, or what a function call's
+        would be: a timeout, or the user's own exception)."""
         if isinstance(exc, DuanFlowError):
             return exc.to_reply()
-        from duanflow._runtime.worker import remote_error
-
-        return remote_error(exc)
+        return self.worker._failure(self.inv, exc)
 
     def _answer_for(self, value: Any) -> Result | tuple[Any, int, dict[str, str], str]:
         """The Result answering ``value``; for a generator (or a Response whose body is one), what to stream."""
@@ -208,13 +205,6 @@ class HttpCall:
             self.worker._replace_executor()
             raise
 
-    def _timeout(self) -> ErrorReply:
-        timeout = self.worker.config.timeout_s
-        return FunctionTimeoutError(
-            f"{self.worker.config.function} ran past its timeout of {timeout:g}s",
-            details={"call_id": self.inv.call_id, "timeout_s": f"{timeout:g}"},
-        ).to_reply()
-
     async def _stream(self, gen: Any, status: int, headers: dict[str, str], media: str) -> None:
         first = True
         try:
@@ -224,7 +214,7 @@ class HttpCall:
                 first = False
                 await self._send(self._result(ok=True, final=False, stream=True, value=data, codec=codec, **fields))
         except TimeoutError:
-            await self._fail(self._timeout(), stream=True)
+            await self._fail(self._failure(TimeoutError()), stream=True)
             return
         except DuanFlowError as exc:
             await self._fail(exc.to_reply(), stream=True)

@@ -262,12 +262,7 @@ class Worker:
                 if reply:
                     self.answer_now(reply, result)
                 if self._puller is not None and self._puller.ack_next_now(msg, self._free() + 1):
-                    self._busy -= 1
-                    if self.stopping.is_set():
-                        self._wake.set()
-                    elif self._backlog:
-                        self._busy += 1
-                        tg.create_task(self._run_one(self._backlog.popleft()))
+                    self._give_back_slot()  # the +NXT asked for its next input already
                     return True
                 rest = self._ack(msg)
             else:
@@ -317,10 +312,10 @@ class Worker:
         self._busy += 1
         self._direct_busy += 1
         self._direct_served += 1
-        if not self._serve_now(msg):
+        if not self._serve_now(msg, tg):
             tg.create_task(self._run_one(msg, direct=True))
 
-    def _serve_now(self, msg: Msg) -> bool:
+    def _serve_now(self, msg: Msg, tg: asyncio.TaskGroup) -> bool:
         """Run a direct call at once, in this turn of the read loop, when its handler is a sync one that
         :meth:`call_sync` would run inline anyway (recent calls fast, no input here near its heartbeat): no task and
         no loop turn before the answer. False, having done nothing, otherwise."""
@@ -332,17 +327,13 @@ class Worker:
                 call = self._direct_call(msg)
                 rest = call.run_now() if call is not None else None
         except BaseException as exc:  # SystemExit & co. from the handler: end the replica, as from a task
-            if self._tg is None:
-                raise
-            self._tg.create_task(_reraise(exc))
+            tg.create_task(_reraise(exc))
             return True
-        if rest is not None and self._tg is not None:  # a generator's chunks: the slot stays taken until they end
-            self._tg.create_task(self._run_one(msg, direct=True, work=rest))
+        if rest is not None:  # a generator's chunks: the slot stays taken until they end
+            tg.create_task(self._run_one(msg, direct=True, work=rest))
             return True
-        self._busy -= 1
         self._direct_busy -= 1
-        if self.stopping.is_set():
-            self._wake.set()
+        self._give_back_slot()
         return True
 
     async def handle_direct(self, msg: Msg) -> None:
@@ -519,16 +510,20 @@ class Worker:
                 self._direct_busy -= 1
             await self._slot_freed()
 
-    async def _slot_freed(self) -> None:
-        """An input finished: start a queued one in its slot, or offer the slot to the consumer again."""
+    def _give_back_slot(self) -> bool:
+        """An input finished: its slot goes to a queued input, if any. False while draining (nothing more starts)."""
         self._busy -= 1
         if self.stopping.is_set():
             self._wake.set()
-            return
+            return False
         if self._backlog and self._tg is not None:
             self._busy += 1
             self._tg.create_task(self._run_one(self._backlog.popleft()))
-        if self._puller is not None:
+        return True
+
+    async def _slot_freed(self) -> None:
+        """An input finished: start a queued one in its slot, or offer the slot to the consumer again."""
+        if self._give_back_slot() and self._puller is not None:
             # Re-offer the slot now: the pull request leaves in the same flush as the result and the ack.
             try:
                 await self._puller.top_up(self._free())
@@ -866,13 +861,8 @@ class Worker:
         def report() -> None:
             if not reply:
                 return
-            err = FunctionTimeoutError(
-                f"{self.config.function} ran past its timeout of {self.config.timeout_s:g}s",
-                details={"call_id": inv.call_id, "timeout_s": f"{self.config.timeout_s:g}"},
-            )
-            data = codec.encode(
-                Result(call_id=inv.call_id, ok=False, error=err.to_reply(), replica_id=self.config.replica_id)
-            )
+            err = self._failure(inv, TimeoutError())
+            data = codec.encode(Result(call_id=inv.call_id, ok=False, error=err, replica_id=self.config.replica_id))
             cfg = self.config
             raw_publish(cfg.nats_url, cfg.nats_user, cfg.nats_password, [(reply, data)])
 
@@ -903,7 +893,9 @@ class Worker:
         return data
 
     def answer_now(self, reply: str, result: Result) -> None:
-        """:meth:`_answer` from a plain function: written at once when that keeps order, else by a task."""
+        """Publish ``result`` to the caller from a plain function: straight to the socket when it is alone (the
+        caller has it a loop turn sooner), else queued for nats-py's flusher with the others (one write for many);
+        from a task only when neither can take it."""
         data = self._result_bytes(result)
         headers = _telemetry.result_headers()
         # Straight to the socket only when nothing else is on its way: calls read together answer together.
@@ -925,16 +917,8 @@ class Worker:
             log.warning("could not answer %s: %s", subject, exc)
 
     async def _answer(self, reply: str, result: Result) -> None:
-        data = self._result_bytes(result)
-        try:
-            # A lone call's result goes straight to the socket: the caller has it a loop turn sooner (the ack
-            # follows). With other inputs running, nats-py's flusher sends results together (fewer writes).
-            headers = _telemetry.result_headers()
-            lone = self._busy <= 1 and not self._backlog
-            if not (lone and publish_now(self._nc, reply, data, headers)):
-                await self._nc.publish(reply, data, headers=headers)
-        except Exception as exc:
-            log.warning("could not answer %s: %s", reply, exc)
+        """Publish ``result`` to the caller (see :meth:`answer_now`)."""
+        self.answer_now(reply, result)
 
     async def _keep(self, call_id: str, result: Result) -> None:
         """Store a spawned call's result in the results bucket, for ``FunctionCall.get()`` from any process."""

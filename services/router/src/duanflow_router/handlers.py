@@ -153,18 +153,29 @@ class LeaderApi:
         return callback
 
 
-class CapacityListener:
-    """Plain (non-queue) subscriber to every agent's capacity reports: each router instance needs the view."""
+class _DropsOnce:
+    """A listener of periodic reports that logs a dropped one once per subject: a misbehaving sender repeats every
+    few seconds and must not flood the log."""
 
-    def __init__(self, control: ControlPlane) -> None:
-        self.control = control
+    what = "report"
+
+    def __init__(self) -> None:
         self._warned: set[str] = set()
 
     def _drop(self, subject: str, why: str) -> None:
-        # Log once per subject: a misbehaving agent beats every few seconds and must not flood the log.
         if subject not in self._warned:
             self._warned.add(subject)
-            log.warning("dropping capacity report on %s: %s", subject, why)
+            log.warning("dropping %s on %s: %s", self.what, subject, why)
+
+
+class CapacityListener(_DropsOnce):
+    """Plain (non-queue) subscriber to every agent's capacity reports: each router instance needs the view."""
+
+    what = "capacity report"
+
+    def __init__(self, control: ControlPlane) -> None:
+        super().__init__()
+        self.control = control
 
     async def on_message(self, msg: Msg) -> None:
         """Decode one report and hand it to the control plane; garbage is logged once and dropped."""
@@ -203,14 +214,16 @@ class PriceListener:
         self.control.apply_price(update)
 
 
-class ReplicaLoadListener:
+class ReplicaLoadListener(_DropsOnce):
     """Plain subscriber to the endpoint replicas' direct-path reports (every router keeps the view; the leader's
     autoscaler reads it). Garbage is logged once per subject and dropped."""
 
+    what = "replica load report"
+
     def __init__(self, loads: DirectLoads, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
         self.loads = loads
         self.clock = clock
-        self._warned: set[str] = set()
 
     async def on_message(self, msg: Msg) -> None:
         """Decode one report and record it."""
@@ -218,13 +231,9 @@ class ReplicaLoadListener:
             load = codec.decode(msg.data, ReplicaLoad)
             expected = subjects.replica_load(load.env, load.app, load.function)
         except (InvalidInputError, ValueError) as exc:
-            if msg.subject not in self._warned:
-                self._warned.add(msg.subject)
-                log.warning("dropping replica load report on %s: %s", msg.subject, exc)
+            self._drop(msg.subject, str(exc))
             return
         if expected != msg.subject:
-            if msg.subject not in self._warned:
-                self._warned.add(msg.subject)
-                log.warning("dropping replica load report on %s: it names %s", msg.subject, expected)
+            self._drop(msg.subject, f"it names {expected}")
             return
         self.loads.observe(load, self.clock())

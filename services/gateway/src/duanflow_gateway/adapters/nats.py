@@ -218,19 +218,18 @@ class NatsInvoker:
         call.direct = False
         call.acked = False
         call.ack_by = asyncio.get_running_loop().time() + CONFIRM_AFTER_S
-        try:
-            await self.nc.publish(call.subject, call.data, headers=call.headers)
-        except Exception as exc:
-            raise UnavailableError(f"could not publish the call to {call.subject}: {exc}") from None
+        await self._publish(call)
 
     async def _confirm(self, call: _Call) -> None:
         """Publish the call again (same ``Nats-Msg-Id``: stored at most once), now asking for its PubAck."""
         call.confirming = True
         call.ack_by = asyncio.get_running_loop().time() + PUBLISH_TIMEOUT_S
+        await self._publish(call, reply=subjects.pub_ack(call.headers[HDR_REPLY]))
+
+    async def _publish(self, call: _Call, reply: str = "") -> None:
+        """Publish ``call`` to its stream subject (503 when that fails)."""
         try:
-            await self.nc.publish(
-                call.subject, call.data, reply=subjects.pub_ack(call.headers[HDR_REPLY]), headers=call.headers
-            )
+            await self.nc.publish(call.subject, call.data, reply=reply, headers=call.headers)
         except Exception as exc:
             raise UnavailableError(f"could not publish the call to {call.subject}: {exc}") from None
 
