@@ -347,6 +347,12 @@ async def test_two_jobs_never_share_a_gpu_and_a_third_waits_for_one(stack: Stack
         return all((stack.marks / f"running-{t}").exists() for t in ("a", "b"))
 
     await eventually(two_running, timeout=60)
+
+    async def both_shown_running() -> bool:
+        # each job writes its mark as it begins; its `running` event reaches the router a moment later
+        return [await asyncio.to_thread(_state, j) for j in (first, second)] == ["running", "running"]
+
+    await eventually(both_shown_running, timeout=30)
     infos = [await asyncio.to_thread(j.status) for j in (first, second, third)]
     assert [i.state for i in infos[:2]] == ["running", "running"], infos
     # 4 GPUs, 2 per job: the third is queued until one ends, and says why.
