@@ -240,9 +240,11 @@ async def test_live_prices_steer_the_next_placement(infra: Any, unique: str, nc_
 async def agents_and_test_prices(
     app: RouterApp, nc_service: Any, unique: str, east: str, west: str, r_east: str, r_west: str
 ) -> None:
+    # 8 GPUs each: the rebalancer may move these price-optimised replicas to the cheaper pool between the steps
+    # below; with room to spare on both agents, each placement is decided by price alone.
     async with (
-        BeatingAgent(nc_service, east, r_east, prices={"H100": 3.0}),
-        BeatingAgent(nc_service, west, r_west, prices={"H100": 2.0}),
+        BeatingAgent(nc_service, east, r_east, gpus=8, prices={"H100": 3.0}),
+        BeatingAgent(nc_service, west, r_west, gpus=8, prices={"H100": 2.0}),
     ):
         key, digest = await upload_bundle(nc_service, f"bundle {unique}".encode())
         first = await deploy(nc_service, price_app(f"{unique}a"), key, digest)
