@@ -129,6 +129,8 @@ class Client:
         stall it: use the ``.aio`` form there.
         """
         ensure_blocking_allowed("this DuanFlow call", "the `.aio` form")
+        if self._closed:
+            raise _closed_error()
         future = asyncio.run_coroutine_threadsafe(fn(*args), self._loop)
         try:
             return future.result()
@@ -140,6 +142,8 @@ class Client:
         """Run ``fn(*args)`` on the client's loop from any other loop."""
         if asyncio.get_running_loop() is self._loop:
             return await fn(*args)
+        if self._closed:
+            raise _closed_error()
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(fn(*args), self._loop))
 
     def close(self, timeout: float = 2.0) -> None:
@@ -159,6 +163,8 @@ class Client:
         self._loop.call_soon_threadsafe(self._loop.stop)
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
+            if not self._thread.is_alive():  # stopped: its loop can go (no "unclosed event loop" warning)
+                self._loop.close()
 
     # -- async core ---------------------------------------------------------------------------------------
 
@@ -939,6 +945,13 @@ def _note_simulated(function: str, gpu: str) -> None:
 
 _client: Client | None = None
 _client_lock = threading.Lock()
+
+
+def _closed_error() -> UnavailableError:
+    return UnavailableError(
+        "this DuanFlow client is closed (the process is exiting, or a new client replaced it): "
+        "a call made after that cannot run"
+    )
 
 
 def get_client() -> Client:
