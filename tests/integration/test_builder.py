@@ -62,7 +62,7 @@ async def builder(infra: Any, unique: str, nc_service: Any) -> AsyncIterator[Set
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        # a cancelled FastStream app skips its broker's shutdown: close the connection so the queue group forgets it
+        # the service stops its broker when cancelled; this closes it even if that stop was cut short
         await app.service.broker.stop()
 
 

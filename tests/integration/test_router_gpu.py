@@ -188,7 +188,7 @@ async def running(settings: Settings) -> AsyncIterator[RouterApp]:
         task.cancel()
         done, _ = await asyncio.wait({task}, timeout=STOP_WITHIN_S)
         if not done:  # say where it hangs (a hang shows only this test's own wait otherwise)
-            stacks = []
+            stacks = ["where the router's own task waits:\n" + await_chain(task)]
             for other in asyncio.all_tasks():
                 if other is not asyncio.current_task() and not other.done():
                     out = io.StringIO()
@@ -198,6 +198,18 @@ async def running(settings: Settings) -> AsyncIterator[RouterApp]:
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await app.service.broker.stop()
+
+
+def await_chain(task: asyncio.Task[Any]) -> str:
+    """Every coroutine ``task`` is suspended in, outermost first (``print_stack`` shows only the outermost)."""
+    lines = []
+    coro: Any = task.get_coro()
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        where = f"{frame.f_code.co_filename}:{frame.f_lineno}" if frame is not None else "?"
+        lines.append(f"  {getattr(coro, '__qualname__', type(coro).__name__)} at {where}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return "\n".join(lines)
 
 
 STOP_WITHIN_S = 30.0

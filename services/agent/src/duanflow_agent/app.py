@@ -17,7 +17,7 @@ from pathlib import Path
 import msgspec
 import psutil
 from duanflow_kit import telemetry
-from duanflow_kit.service import Service
+from duanflow_kit.service import Service, stop_tasks
 from duanflow_proto import codec, subjects
 from duanflow_proto.errors import InvalidInputError
 from duanflow_proto.messages.agent import CapacityReport, StartReplica
@@ -174,9 +174,9 @@ def build_app(settings: Settings, probe: GpuProbe | None = None) -> AgentApp:
                     yield
             finally:
                 gauges.supervisor = None
-                report_task.cancel()
+                await stop_tasks(report_task)
                 await relay.flush()
-                relay_task.cancel()
+                await stop_tasks(relay_task)
                 await _withdraw(svc, agent_id, settings.capacity_kv)
 
     return AgentApp(service=service, supervisor=supervisor, lifespan=lifespan)

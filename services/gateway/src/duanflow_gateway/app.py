@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import uvicorn
-from duanflow_kit.service import Service
+from duanflow_kit.service import Service, stop_tasks
 from duanflow_kit.streams import ensure_streams
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -175,7 +175,7 @@ class GatewayApp:
                 finally:
                     server.should_exit = True
                     await serving
-                    watching.cancel()
+                    await stop_tasks(watching)
         finally:
             self._routes = self._server = None
             await request_log.close()

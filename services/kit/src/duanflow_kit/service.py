@@ -32,8 +32,29 @@ Req = TypeVar("Req")
 
 log = logging.getLogger("duanflow.service")
 
+CANCEL_STOP_S = 20.0
+"""How long a cancelled service gets to shut down the way SIGTERM does before it is cancelled outright."""
+
 ERROR_TAG = str(ErrorReply.__struct_config__.tag).encode()
 """Marks an encoded error reply (counted as outcome ``error``)."""
+
+
+async def stop_tasks(*tasks: asyncio.Task[Any] | None, again_s: float = 1.0) -> None:
+    """Cancel ``tasks`` and wait until every one has ended, cancelling again each ``again_s`` while one runs on.
+
+    A single cancel is not enough: nats-py's publish path catches ``CancelledError`` while it waits for a flush, and
+    Python 3.11's ``asyncio.wait_for`` (under nats-py's requests and asyncpg's queries) drops a cancel that arrives
+    as its result does. A service loop whose cancel was dropped goes on looping, and keeps its task group, and so
+    the service's shutdown, waiting for good.
+    """
+    pending = {t for t in tasks if t is not None and not t.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=again_s)
+    for ended in tasks:  # retrieve outcomes, so none is logged as "never retrieved"
+        if ended is not None and not ended.cancelled():
+            ended.exception()
 
 
 def connect_options(settings: BaseSettings, name: str) -> dict[str, Any]:
@@ -150,7 +171,23 @@ class Service:
         telemetry.setup(f"duanflow-{self.name}", otlp_endpoint())
         app = FastStream(self.broker, lifespan=lambda: self._lifespan(lifespan))
         log.info("%s starting (instance %s, nats %s)", self.name, self.instance, self.settings.nats_url)
-        await app.run()
+        running = asyncio.ensure_future(app.run())
+        try:
+            await asyncio.shield(running)
+        except asyncio.CancelledError:
+            # Cancelled (an embedding program, a test): stop the way SIGTERM does. A cancel thrown into the app
+            # itself can be lost on the way (see stop_tasks), leaving it running; the exit flag cannot be lost.
+            app.exit()
+            try:
+                done, _ = await asyncio.wait({running}, timeout=CANCEL_STOP_S)
+                if not done:
+                    log.warning("%s still running %gs after its cancel: cancelling it", self.name, CANCEL_STOP_S)
+                    running.cancel()
+                    await asyncio.wait({running}, timeout=CANCEL_STOP_S)
+            finally:
+                if not running.done():  # cancelled again while stopping
+                    running.cancel()
+            raise
         log.info("%s stopped", self.name)
 
 

@@ -9,7 +9,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from duanflow_kit.service import Service
+from duanflow_kit.service import Service, stop_tasks
 from duanflow_kit.streams import ensure_streams
 
 from duanflow_logs import domain, handlers
@@ -95,8 +95,7 @@ class LogsApp:
                         stop.set()
                         # The loop ends within one fetch; a batch being stored finishes (its acks follow the insert).
                         _, late = await asyncio.wait({ingesting, archiving}, timeout=DRAIN_TIMEOUT_S)
-                        for task in late:
-                            task.cancel()
+                        await stop_tasks(*late)
             finally:
                 # Also when cancelled: a pull subscription left open would hold the connection's drain for 30 s.
                 with contextlib.suppress(Exception):

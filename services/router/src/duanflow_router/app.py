@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from duanflow_kit import telemetry
-from duanflow_kit.service import Service
+from duanflow_kit.service import Service, stop_tasks
 from duanflow_kit.streams import ensure_streams
 from duanflow_proto import subjects
 
@@ -196,10 +196,7 @@ class RouterApp:
                     try:
                         yield
                     finally:
-                        leading.cancel()
-                        scaling.cancel()
-                        if depths is not None:
-                            depths.cancel()
+                        await stop_tasks(leading, scaling, depths)
                         await self.jobs.stop()
                         await api.stop()
                         if self.leader:

@@ -37,6 +37,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from duanflow_kit.service import stop_tasks
 from duanflow_proto.errors import DuanFlowError, NoCapacityError
 from duanflow_proto.messages.invocation import LOAD_REPORT_S, ReplicaLoad
 from duanflow_proto.messages.release import FunctionSpec, Release
@@ -281,11 +282,7 @@ class Autoscaler:
 
     async def close(self) -> None:
         """Stop: drop watches, cancel starts and stops under way."""
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(BaseException):
-                await task
+        await stop_tasks(*self._tasks)
         with contextlib.suppress(Exception):
             await self.standby()
 

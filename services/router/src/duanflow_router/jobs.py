@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 import msgspec
+from duanflow_kit.service import stop_tasks
 from duanflow_proto import codec, subjects
 from duanflow_proto.errors import (
     DuanFlowError,
@@ -408,11 +409,7 @@ class Jobs:
 
     async def stop(self) -> None:
         """Cancel background placements (the leader is stepping down)."""
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(BaseException):
-                await task
+        await stop_tasks(*self._tasks)
 
     # -- internals
 
