@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
-from duanflow_proto import subjects
+from duanflow_proto import codec, subjects
 from duanflow_proto.errors import NoCapacityError
 from duanflow_proto.messages.invocation import ReplicaLoad
 from duanflow_proto.messages.release import AppSpec, FunctionSpec, Release
@@ -17,6 +18,7 @@ from duanflow_router.autoscale import (
     OUTCOME_SCALE_DOWN,
     OUTCOME_SCALE_UP,
     Autoscaler,
+    DirectLoads,
     IdleClock,
     Plan,
     desired_replicas,
@@ -24,6 +26,7 @@ from duanflow_router.autoscale import (
     is_job_replica,
     plan,
 )
+from duanflow_router.handlers import ReplicaLoadListener
 from duanflow_router.placement import Placement
 from duanflow_router.ports import ConsumerLoad, ReplicaRecord
 from hypothesis import given
@@ -355,3 +358,25 @@ async def test_an_endpoints_direct_calls_count_as_activity_and_as_load() -> None
     await settle()
     assert not ports.replicas and len(ports.stopped) == 3
     await auto.close()
+
+
+async def test_load_reports_count_only_for_replicas_the_router_started_for_that_function() -> None:
+    """A replica of another app (or a made-up id) cannot keep an endpoint warm or scale it."""
+    started = {"rp-mine": ("prod", "shop", "f"), "rp-other": ("prod", "bank", "g")}
+
+    def runs(replica_id: str, env: str, app: str, function: str) -> bool:
+        return started.get(replica_id) == (env, app, function)
+
+    loads = DirectLoads()
+    listener = ReplicaLoadListener(loads, clock=lambda: 0.0, known=runs)
+
+    async def send(replica_id: str) -> None:
+        report = ReplicaLoad(replica_id=replica_id, env="prod", app="shop", function="f", busy=1, served=10)
+        subject = subjects.replica_load("prod", "shop", "f")
+        await listener.on_message(SimpleNamespace(subject=subject, data=codec.encode(report)))  # type: ignore[arg-type]
+
+    await send("rp-other")  # started, but for another app
+    await send("rp-made-up")
+    assert loads.totals(("prod", "shop", "f"), 0.0) == (0, 0) and listener.unknown == 2
+    await send("rp-mine")
+    assert loads.totals(("prod", "shop", "f"), 0.0) == (1, 10) and listener.unknown == 2

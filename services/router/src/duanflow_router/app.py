@@ -152,7 +152,7 @@ class RouterApp:
             capacity = handlers.CapacityListener(control)
             prices = handlers.PriceListener(control)
             direct = DirectLoads()
-            direct_loads = handlers.ReplicaLoadListener(direct)
+            direct_loads = handlers.ReplicaLoadListener(direct, known=control.runs)
             subs = [
                 await service.nc.subscribe(subjects.CAPACITY_ALL, cb=capacity.on_message),
                 await service.nc.subscribe(subjects.LOAD_ALL, cb=direct_loads.on_message),

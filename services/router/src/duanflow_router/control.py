@@ -367,6 +367,11 @@ class ControlPlane:
         ]
         return dataclasses.replace(decision, candidates=(*decision.candidates, *verdicts))
 
+    def runs(self, replica_id: str, env: str, app: str, function: str) -> bool:
+        """Whether ``replica_id`` is a live replica of this function, as this router knows it."""
+        rec = self.replicas.get(replica_id)
+        return rec is not None and (rec.env, rec.app, rec.function) == (env, app, function)
+
     def reservations(self) -> dict[str, set[int]]:
         """GPU indices per agent held by replicas this router placed."""
         held: dict[str, set[int]] = {}

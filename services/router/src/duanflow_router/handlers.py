@@ -216,14 +216,27 @@ class PriceListener:
 
 class ReplicaLoadListener(_DropsOnce):
     """Plain subscriber to the endpoint replicas' direct-path reports (every router keeps the view; the leader's
-    autoscaler reads it). Garbage is logged once per subject and dropped."""
+    autoscaler reads it). Garbage is logged once per subject and dropped.
+
+    With ``known``, a report is kept only when it names a replica this router started for that function: another
+    app's replica cannot keep an app warm or scale it with made-up reports, nor grow the view without bound.
+    """
 
     what = "replica load report"
 
-    def __init__(self, loads: DirectLoads, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        loads: DirectLoads,
+        clock: Callable[[], float] = time.monotonic,
+        known: Callable[[str, str, str, str], bool] | None = None,
+    ) -> None:
         super().__init__()
         self.loads = loads
         self.clock = clock
+        self.known = known
+        self.unknown = 0
+        """Reports ignored because they named no replica of their function (a replica's first report can come
+        before its start is recorded; the next one, a second later, counts)."""
 
     async def on_message(self, msg: Msg) -> None:
         """Decode one report and record it."""
@@ -235,5 +248,8 @@ class ReplicaLoadListener(_DropsOnce):
             return
         if expected != msg.subject:
             self._drop(msg.subject, f"it names {expected}")
+            return
+        if self.known is not None and not self.known(load.replica_id, load.env, load.app, load.function):
+            self.unknown += 1
             return
         self.loads.observe(load, self.clock())
