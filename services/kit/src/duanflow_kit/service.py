@@ -187,6 +187,8 @@ class Service:
             finally:
                 if not running.done():  # cancelled again while stopping
                     running.cancel()
+            if running.done() and not running.cancelled() and running.exception() is not None:
+                log.warning("%s stopping after a cancel: %r", self.name, running.exception())
             raise
         log.info("%s stopped", self.name)
 
