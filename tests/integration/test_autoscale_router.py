@@ -16,6 +16,7 @@ import textwrap
 import time
 import zipfile
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -138,17 +139,25 @@ def replicas_of(router: RouterApp, app: str, function: str) -> list[str]:
     return [r.replica_id for r in router.control().replicas.values() if (r.app, r.function) == (app, function)]
 
 
-async def test_functions_scale_to_zero_back_from_zero_and_up_on_backlog(
-    router: RouterApp, agent: Agent, client_env: str, nc_service: Any, unique: str, tmp_path: Path, infra: Any
-) -> None:
-    env, app_name, queue = client_env, f"auto-{unique}", f"q{unique}"
-    marks = tmp_path / "marks"
-    marks.mkdir()
+@dataclass
+class Deployed:
+    """An app deployed from a module written under ``tmp_path``, with the router's decisions about it."""
+
+    module: Any
+    reply: DeployReply
+    decisions: list[SchedulerDecision]
+
+
+@contextlib.asynccontextmanager
+async def deployed_app(
+    nc: Any, tmp_path: Path, module_name: str, source: str, env: str, app_name: str
+) -> AsyncIterator[Deployed]:
+    """Write ``source`` as ``module_name``, import it, upload it and deploy it (retried until the agent has
+    reported), recording every scheduler decision about ``app_name`` from before the deploy on."""
     src_dir = tmp_path / "src"
     src_dir.mkdir()
-    module_name = f"autoscale_app_{unique}"
     src = src_dir / f"{module_name}.py"
-    src.write_text(textwrap.dedent(APP_SOURCE.format(app=app_name, queue=queue, marks=marks)))
+    src.write_text(textwrap.dedent(source))
     sys.path.insert(0, str(src_dir))
     decisions: list[SchedulerDecision] = []
 
@@ -157,23 +166,38 @@ async def test_functions_scale_to_zero_back_from_zero_and_up_on_backlog(
         if decision.app == app_name:
             decisions.append(decision)
 
-    sub = await nc_service.subscribe(subjects.event("scheduler", "decision"), cb=on_decision)
+    sub = await nc.subscribe(subjects.event("scheduler", "decision"), cb=on_decision)
     try:
         module = importlib.import_module(module_name)
         spec = module.app.build_spec(module=module_name)
         data = bundle_of(src)
-        key, digest = await upload_bundle(nc_service, data)
+        key, digest = await upload_bundle(nc, data)
         assert hashlib.sha256(data).hexdigest() == digest
 
         async def deployed() -> DeployReply | None:
             request = DeployRequest(spec=spec, env=env, bundle_key=key, bundle_digest=digest)
             try:
-                reply: DeployReply = await call(nc_service, subjects.API_DEPLOY, request, DeployReply, timeout=120)
+                reply: DeployReply = await call(nc, subjects.API_DEPLOY, request, DeployReply, timeout=120)
             except NoCapacityError:  # the agent has not reported yet
                 return None
             return reply
 
         reply = await eventually(deployed, timeout=60, interval=0.5)
+        yield Deployed(module, reply, decisions)
+    finally:
+        await sub.unsubscribe()
+        sys.path.remove(str(src_dir))
+
+
+async def test_functions_scale_to_zero_back_from_zero_and_up_on_backlog(
+    router: RouterApp, agent: Agent, client_env: str, nc_service: Any, unique: str, tmp_path: Path, infra: Any
+) -> None:
+    env, app_name, queue = client_env, f"auto-{unique}", f"q{unique}"
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    source = APP_SOURCE.format(app=app_name, queue=queue, marks=marks)
+    async with deployed_app(nc_service, tmp_path, f"autoscale_app_{unique}", source, env, app_name) as app:
+        module, reply, decisions = app.module, app.reply, app.decisions
         assert len(reply.replicas) == 2  # deploy still places one replica per function
 
         # the functions table names the consumer each function's replicas really pull from (a worker: its queue's)
@@ -235,9 +259,6 @@ async def test_functions_scale_to_zero_back_from_zero_and_up_on_backlog(
 
         # and back to zero once idle
         await eventually(at_zero, timeout=30, interval=0.1)
-    finally:
-        await sub.unsubscribe()
-        sys.path.remove(str(src_dir))
 
 
 ENDPOINT_SOURCE = """
@@ -264,87 +285,72 @@ async def test_an_endpoint_stays_warm_on_direct_calls_scales_on_busy_ones_and_fr
     consumer never sees them), calls it is too busy for go to the stream and scale the endpoint up, and with no
     replica the call goes to the stream and starts one."""
     env, app_name = client_env, f"ep-{unique}"
-    src_dir = tmp_path / "src"
-    src_dir.mkdir()
-    module_name = f"endpoint_app_{unique}"
-    src = src_dir / f"{module_name}.py"
-    src.write_text(textwrap.dedent(ENDPOINT_SOURCE.format(app=app_name)))
-    sys.path.insert(0, str(src_dir))
-    decisions: list[SchedulerDecision] = []
-
-    async def on_decision(msg: Any) -> None:
-        decision = codec.decode(msg.data, SchedulerDecision)
-        if decision.app == app_name:
-            decisions.append(decision)
-
-    sub = await nc_service.subscribe(subjects.event("scheduler", "decision"), cb=on_decision)
+    source = ENDPOINT_SOURCE.format(app=app_name)
     invoker = NatsInvoker(nc_service, nc_service.jetstream())
     await invoker.start()
     try:
-        module = importlib.import_module(module_name)
-        spec = module.app.build_spec(module=module_name)
-        data = bundle_of(src)
-        key, digest = await upload_bundle(nc_service, data)
-
-        async def deployed() -> DeployReply | None:
-            request = DeployRequest(spec=spec, env=env, bundle_key=key, bundle_digest=digest)
-            try:
-                reply: DeployReply = await call(nc_service, subjects.API_DEPLOY, request, DeployReply, timeout=120)
-            except NoCapacityError:
-                return None
-            return reply
-
-        await eventually(deployed, timeout=60, interval=0.5)
-        consumer = subjects.consumer_name(env, app_name, "work")
-        calls = iter(range(1_000_000))
-
-        async def work(ms: int) -> int:
-            args = msgspec.json.encode({"args": [], "kwargs": {"ms": ms}})
-            invocation = Invocation(
-                call_id=f"fc-{unique}-{next(calls)}",
-                function="work",
-                args=args,
-                codec=CODEC_JSON,
-                deadline_ms=int((time.time() + 60) * 1000),
-            )
-            result = await invoker.invoke(
-                subjects.invocation(env, app_name, "work"),
-                invocation,
-                60,
-                direct=subjects.direct(env, app_name, "work"),
-            )
-            assert result.ok, result.error
-            return int(msgspec.json.decode(result.value))
-
-        async def delivered() -> int:
-            info = await nc_service.jetstream().consumer_info(subjects.STREAM_INVOCATIONS, consumer)
-            return int(info.delivered.consumer_seq or 0) if info.delivered else 0
-
-        # Twice the idle window of direct calls: the replica stays, and the consumer never saw a call.
-        await work(0)
-        before, pids = await delivered(), set()
-        end = time.monotonic() + 6.0
-        while time.monotonic() < end:
-            pids.add(await work(0))
-            await asyncio.sleep(0.2)
-        assert len(pids) == 1 and await delivered() == before
-        assert not [d for d in decisions if d.outcome == "scale_down"], decisions
-
-        # More at once than one replica (concurrency 1) takes: the rest go to the stream, a backlog, a second one.
-        pids = set(await asyncio.gather(*(work(400) for _ in range(12))))
-        ups = [d for d in decisions if d.outcome == "scale_up"]
-        assert ups and any(d.reason.startswith("backlog") for d in ups), decisions
-        assert await delivered() > before
-
-        # Idle: to zero; a call then finds no replica (no responders), goes to the stream and starts one.
-        async def at_zero() -> bool:
-            return not replicas_of(router, app_name, "work")
-
-        await eventually(at_zero, timeout=60, interval=0.1)
-        assert await work(0) not in pids
-        ups = [d for d in decisions if d.outcome == "scale_up"]
-        assert ups[-1].reason.startswith("scale from zero"), ups
+        async with deployed_app(nc_service, tmp_path, f"endpoint_app_{unique}", source, env, app_name) as app:
+            await endpoint_scales(router, nc_service, invoker, env, app_name, unique, app.decisions)
     finally:
         await invoker.stop()
-        await sub.unsubscribe()
-        sys.path.remove(str(src_dir))
+
+
+async def endpoint_scales(
+    router: RouterApp,
+    nc_service: Any,
+    invoker: NatsInvoker,
+    env: str,
+    app_name: str,
+    unique: str,
+    decisions: list[SchedulerDecision],
+) -> None:
+    """The body of the test above, once the endpoint is deployed."""
+    consumer = subjects.consumer_name(env, app_name, "work")
+    calls = iter(range(1_000_000))
+
+    async def work(ms: int) -> int:
+        args = msgspec.json.encode({"args": [], "kwargs": {"ms": ms}})
+        invocation = Invocation(
+            call_id=f"fc-{unique}-{next(calls)}",
+            function="work",
+            args=args,
+            codec=CODEC_JSON,
+            deadline_ms=int((time.time() + 60) * 1000),
+        )
+        result = await invoker.invoke(
+            subjects.invocation(env, app_name, "work"),
+            invocation,
+            60,
+            direct=subjects.direct(env, app_name, "work"),
+        )
+        assert result.ok, result.error
+        return int(msgspec.json.decode(result.value))
+
+    async def delivered() -> int:
+        info = await nc_service.jetstream().consumer_info(subjects.STREAM_INVOCATIONS, consumer)
+        return int(info.delivered.consumer_seq or 0) if info.delivered else 0
+
+    # Twice the idle window of direct calls: the replica stays, and the consumer never saw a call.
+    await work(0)
+    before, pids = await delivered(), set()
+    end = time.monotonic() + 6.0
+    while time.monotonic() < end:
+        pids.add(await work(0))
+        await asyncio.sleep(0.2)
+    assert len(pids) == 1 and await delivered() == before
+    assert not [d for d in decisions if d.outcome == "scale_down"], decisions
+
+    # More at once than one replica (concurrency 1) takes: the rest go to the stream, a backlog, a second one.
+    pids = set(await asyncio.gather(*(work(400) for _ in range(12))))
+    ups = [d for d in decisions if d.outcome == "scale_up"]
+    assert ups and any(d.reason.startswith("backlog") for d in ups), decisions
+    assert await delivered() > before
+
+    # Idle: to zero; a call then finds no replica (no responders), goes to the stream and starts one.
+    async def at_zero() -> bool:
+        return not replicas_of(router, app_name, "work")
+
+    await eventually(at_zero, timeout=60, interval=0.1)
+    assert await work(0) not in pids
+    ups = [d for d in decisions if d.outcome == "scale_up"]
+    assert ups[-1].reason.startswith("scale from zero"), ups
