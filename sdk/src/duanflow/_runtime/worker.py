@@ -213,16 +213,20 @@ class Worker:
         self._from_stream_at = time.monotonic()
         if self._busy < self.config.concurrency:
             self._busy += 1
-            if not self._run_now(msg):
-                tg.create_task(self._run_one(msg))
+            try:
+                inv: Invocation | None = codec.decode(msg.data, Invocation)
+            except InvalidInputError:  # a batch, or garbage: handle() tells them apart
+                inv = None
+            if inv is None or not self._run_now(msg, inv):
+                tg.create_task(self._run_one(msg, inv=inv))
         else:
             self._backlog.append(msg)
 
-    def _run_now(self, msg: Msg) -> bool:
-        """Run a plain call of a fast sync function in this turn of the read loop: decoded, run inline under the
-        watchdog (as :meth:`call_sync` would), answered and acked from here, with no task and no loop turn before
-        its result. False, having done nothing, for anything else (batches, spawns, payloads in S3, async, slow or
-        generator functions, garbage): :meth:`handle` runs it from a task.
+    def _run_now(self, msg: Msg, inv: Invocation) -> bool:
+        """Run ``inv`` (decoded from ``msg``), a plain call of a fast sync function, in this turn of the read loop:
+        inline under the watchdog (as :meth:`call_sync` would), answered and acked from here, with no task and no
+        loop turn before its result. False, having done nothing, for anything else (spawns, payloads in S3, async,
+        slow or generator functions): :meth:`handle` runs it from a task.
 
         A failure that is to be retried is handed back from a task (its delay); so is a result too large for one
         message (it goes through S3 first).
@@ -231,10 +235,6 @@ class Worker:
         if tg is None:
             return False
         started = time.monotonic()
-        try:
-            inv = codec.decode(msg.data, Invocation)
-        except InvalidInputError:
-            return False
         if inv.codec != CODEC_CLOUDPICKLE or inv.payload_ref or inv.keep_result:
             return False
         if inv.deadline_ms and time.time() * 1000 > inv.deadline_ms:
@@ -491,9 +491,16 @@ class Worker:
             with contextlib.suppress(Exception):
                 await self._nc.close()
 
-    async def _run_one(self, msg: Msg, *, direct: bool = False, work: Awaitable[None] | None = None) -> None:
-        """Run one input in the slot taken for it: a message from the stream, or a direct call (no lease), or
-        ``work`` (the rest of a direct call begun by :meth:`_serve_now`)."""
+    async def _run_one(
+        self,
+        msg: Msg,
+        *,
+        direct: bool = False,
+        work: Awaitable[None] | None = None,
+        inv: Invocation | None = None,
+    ) -> None:
+        """Run one input in the slot taken for it: a message from the stream (``inv``: already decoded), or a
+        direct call (no lease), or ``work`` (the rest of a call begun in the read loop)."""
         key = id(msg)
         self._running[key] = (None if direct else msg, time.monotonic())
         try:
@@ -501,7 +508,7 @@ class Worker:
                 await work
                 return
             with _telemetry.serving(msg, self.config.function):
-                await (self.handle_direct(msg) if direct else self.handle(msg))
+                await (self.handle_direct(msg) if direct else self.handle(msg, inv))
         except Exception:
             log.exception("input on %s could not be handled", msg.subject)
         finally:
@@ -530,13 +537,14 @@ class Worker:
             except Exception:
                 self._wake.set()
 
-    async def handle(self, msg: Msg) -> None:
-        """Run one invocation message: answer its caller (``Df-Reply``), then ack (or term garbage)."""
+    async def handle(self, msg: Msg, inv: Invocation | None = None) -> None:
+        """Run one invocation message (``inv``: its invocation, when already decoded): answer its caller
+        (``Df-Reply``), then ack (or term garbage)."""
         headers = msg.headers or {}
         reply = headers.get(HDR_REPLY, "")
         started = time.monotonic()
         try:
-            decoded = codec.decode(msg.data, Invocation | InvocationBatch)  # type: ignore[arg-type]
+            decoded = inv if inv is not None else codec.decode(msg.data, Invocation | InvocationBatch)  # type: ignore[arg-type]
         except InvalidInputError as exc:
             log.warning("malformed invocation on %s: %s", msg.subject, exc.message)
             if reply:
@@ -546,7 +554,7 @@ class Worker:
         if isinstance(decoded, InvocationBatch):
             await self._handle_batch(msg, decoded, reply)
             return
-        inv: Invocation = decoded
+        inv = decoded
         if inv.codec == CODEC_JSON:
             # HTTP calls from the gateway: request object, streaming, heartbeats (duanflow._runtime.http_calls).
             if inv.deadline_ms and time.time() * 1000 > inv.deadline_ms:
